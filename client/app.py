@@ -1,0 +1,169 @@
+"""The edge client agent: a Flower ``ClientApp`` with ``train`` and ``evaluate`` handlers.
+
+The same app runs under every engine: fedge's in-process Grid, Flower's Ray
+simulation and a real SuperNode. Its data comes from ``node_config["partition-id"]``
+and the run config; the round's training settings (lr, epochs, batch size) arrive
+with the model in the message's ``ConfigRecord``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
+
+from fedge.config import RunConfig
+from fedge.data import FederatedData, federated_data
+from fedge.models import build_model
+from fedge.records import (
+    ARRAYS_KEY,
+    BATCH_SIZE,
+    CONFIG_KEY,
+    EVAL_ACCURACY,
+    EVAL_LOSS,
+    LOCAL_EPOCHS,
+    LR,
+    METRICS_KEY,
+    MOMENTUM,
+    NUM_EXAMPLES,
+    PROXIMAL_MU,
+    SEED,
+    SERVER_ROUND,
+    TRAIN_LOSS,
+    load_arrays,
+    model_to_arrays,
+)
+from fedge.training import evaluate, train_local
+
+
+@functools.lru_cache(maxsize=8)
+def _config_from_items(items: tuple[tuple[str, Any], ...]) -> RunConfig:
+    return RunConfig.from_mapping(dict(items))
+
+
+def config_from_context(context: Context) -> RunConfig:
+    """Parse ``context.run_config`` once per distinct config (cached per process)."""
+    return _config_from_items(tuple(sorted(context.run_config.items())))
+
+
+def client_data(cfg: RunConfig) -> FederatedData:
+    """The (lazily loaded, per-process cached) federated dataset of a run."""
+    return federated_data(
+        cfg.dataset,
+        cfg.partition,
+        cfg.num_clients,
+        cfg.seed,
+        data_dir=cfg.data_dir or None,
+        local_test_fraction=cfg.local_test_fraction,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _model(name: str, input_shape: tuple[int, ...], num_classes: int, vocab_size: int) -> torch.nn.Module:
+    # One model object per process, reloaded with each message's weights: a process
+    # runs one client at a time, and rebuilding the module per message costs more
+    # than a small model's local epoch.
+    return build_model(name, input_shape=input_shape, num_classes=num_classes, seed=0, vocab_size=vocab_size)
+
+
+def _model_for(cfg: RunConfig, data: FederatedData) -> torch.nn.Module:
+    spec = data.spec
+    return _model(cfg.resolved_model(spec.default_model), spec.input_shape, spec.num_classes, spec.vocab_size)
+
+
+def partition_id(context: Context) -> int:
+    """The client's data partition, from ``node_config["partition-id"]``."""
+    try:
+        return int(context.node_config["partition-id"])
+    except KeyError:
+        raise ValueError(
+            "node_config has no 'partition-id'; start the SuperNode with "
+            "--node-config \"partition-id=K num-partitions=N\""
+        ) from None
+
+
+def client_seed(seed: int, server_round: int, pid: int) -> int:
+    """Seed of a client's local shuffling in a round: distinct per (seed, round, client)."""
+    return int(np.random.SeedSequence([seed, server_round, pid]).generate_state(1)[0])
+
+
+def _handle_train(cfg: RunConfig, msg: Message, context: Context) -> Message:
+    data = client_data(cfg)
+    pid = partition_id(context)
+    x, y = data.client_train(pid)
+    model = _model_for(cfg, data)
+    load_arrays(model, msg.content.array_records[ARRAYS_KEY])
+    round_cfg = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    server_round = int(round_cfg.get(SERVER_ROUND, 0))
+    seed = int(round_cfg.get(SEED, cfg.seed))
+    result = train_local(
+        model,
+        x,
+        y,
+        epochs=int(round_cfg.get(LOCAL_EPOCHS, cfg.local_epochs)),
+        batch_size=int(round_cfg.get(BATCH_SIZE, cfg.batch_size)),
+        lr=float(round_cfg.get(LR, cfg.lr)),
+        momentum=float(round_cfg.get(MOMENTUM, cfg.momentum)),
+        proximal_mu=float(round_cfg.get(PROXIMAL_MU, 0.0)),
+        generator=torch.Generator().manual_seed(client_seed(seed, server_round, pid)),
+    )
+    content = RecordDict(
+        {
+            ARRAYS_KEY: model_to_arrays(model),
+            METRICS_KEY: MetricRecord({NUM_EXAMPLES: result.num_examples, TRAIN_LOSS: result.train_loss}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def _handle_evaluate(cfg: RunConfig, msg: Message, context: Context) -> Message:
+    data = client_data(cfg)
+    x, y = data.client_test(partition_id(context))
+    model = _model_for(cfg, data)
+    load_arrays(model, msg.content.array_records[ARRAYS_KEY])
+    result = evaluate(model, x, y)
+    metrics = MetricRecord(
+        {NUM_EXAMPLES: result.num_examples, EVAL_LOSS: result.loss, EVAL_ACCURACY: result.accuracy}
+    )
+    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
+def make_client_app(cfg: RunConfig | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
+    """Build fedge's ``ClientApp``.
+
+    Parameters
+    ----------
+    cfg : RunConfig, optional
+        The run's config. ``None`` reads it from each message's ``context.run_config``
+        (as under ``flwr run``); Flower's Ray engine gives apps an empty run config,
+        so it needs the config closed over here.
+    mods : sequence of Mod
+        Flower client mods wrapped around both handlers (compression, DP clipping,
+        secure-aggregation masking plug in here).
+    """
+    app = ClientApp(mods=list(mods))
+
+    def resolve(context: Context) -> RunConfig:
+        return cfg if cfg is not None else config_from_context(context)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return _handle_train(resolve(context), msg, context)
+
+    @app.evaluate()
+    def evaluate_(msg: Message, context: Context) -> Message:
+        return _handle_evaluate(resolve(context), msg, context)
+
+    return app
+
+
+# The app `flwr run` and SuperNodes load (pyproject's [tool.flwr.app.components]).
+app = make_client_app()
+
+__all__ = ["app", "client_seed", "config_from_context", "make_client_app"]

@@ -1,0 +1,292 @@
+"""fedge's one configuration schema.
+
+Every mode reads the same kebab-case keys: ``[tool.flwr.app.config]`` in
+``pyproject.toml`` (the defaults Flower's ``flwr run`` uses), ``--run-config``
+under Flower, and flags or ``--config FILE.toml`` under ``fedge simulate``.
+They are parsed once, at the app boundary, into a frozen :class:`RunConfig`
+that validates itself; nothing below that boundary reads raw run-config
+dictionaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENGINES: tuple[str, ...] = ("inprocess", "ray")
+# The schema's allowed strategy names; `fedge.strategies.STRATEGIES` maps each to a
+# class (a test keeps the two equal).
+STRATEGY_NAMES: tuple[str, ...] = (
+    "fedavg",
+    "fedavgm",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+)
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line that says how to fix it."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The resolved configuration of one federated run.
+
+    Field names are the snake_case form of the kebab-case config keys
+    (``num-rounds`` is ``num_rounds``). Defaults equal ``[tool.flwr.app.config]``.
+
+    Parameters
+    ----------
+    dataset : str
+        One of :data:`fedge.data.DATASETS` (default ``digits``, bundled with scikit-learn).
+    data_dir : str
+        Folder holding the dataset folders (as ``../shared/datasets``); empty means
+        ``$FEDGE_DATA_DIR``. Not needed for ``digits``.
+    partition : str
+        ``iid``, ``dirichlet:ALPHA``, ``pathological:K`` or ``natural``.
+    model : str
+        A name in :data:`fedge.models.MODELS`, or ``auto`` for the dataset's default.
+    strategy : str
+        A name in :data:`STRATEGY_NAMES`.
+    num_clients : int
+        Number of simulated clients (partitions), or of SuperNodes to expect.
+    clients_per_round : int
+        Clients sampled for training each round (``<= num_clients``).
+    num_rounds : int
+        Federated rounds to run.
+    local_epochs, batch_size, lr, momentum : int, int, float, float
+        Client-side SGD: epochs over the local data per round, mini-batch size,
+        learning rate, momentum (momentum buffers are reset every round).
+    seed : int
+        Seeds partitioning, model initialisation, client sampling and local shuffling.
+    engine : str
+        ``inprocess`` (fedge's worker-pool Grid) or ``ray`` (Flower's ``run_simulation``).
+    workers : int
+        Worker processes of the in-process engine; 0 means one per CPU core.
+    min_reply_fraction : float
+        A round aggregates only if at least ``ceil(min_reply_fraction * sampled)``
+        clients replied with a valid update; otherwise the global model is kept.
+    round_timeout_s : float
+        Longest wait for the replies of one round, in seconds.
+    local_test_fraction : float
+        Share of each client's partition held out for federated evaluation
+        (natural splits use the client's own test data instead).
+    fraction_evaluate : float
+        Share of clients asked to evaluate the global model each round (0 disables
+        federated evaluation; central evaluation always runs).
+    proximal_mu : float
+        FedProx proximal term (used by ``strategy = "fedprox"``).
+    server_lr, server_momentum : float
+        Server-side learning rate and momentum (FedAvgM, FedAdam/Yogi/Adagrad).
+    trim_beta : float
+        Fraction trimmed at each end by FedTrimmedAvg, in [0, 0.5).
+    out_dir : str
+        Parent folder of run folders; a run writes ``out_dir/run_name/``.
+    run_name : str
+        Name of the run folder; empty means ``<dataset>-<strategy>-<timestamp>``.
+    """
+
+    dataset: str = "digits"
+    data_dir: str = ""
+    partition: str = "dirichlet:0.5"
+    model: str = "auto"
+    strategy: str = "fedavg"
+    num_clients: int = 50
+    clients_per_round: int = 10
+    num_rounds: int = 20
+    local_epochs: int = 1
+    batch_size: int = 16
+    lr: float = 0.05
+    momentum: float = 0.9
+    seed: int = 42
+    engine: str = "inprocess"
+    workers: int = 0
+    min_reply_fraction: float = 0.5
+    round_timeout_s: float = 600.0
+    local_test_fraction: float = 0.0
+    fraction_evaluate: float = 0.0
+    proximal_mu: float = 0.0
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    trim_beta: float = 0.2
+    out_dir: str = "runs"
+    run_name: str = field(default="")
+
+    def __post_init__(self) -> None:
+        # Imported here: the kernel's data and model modules pull in numpy/torch, and
+        # keeping them out of module import keeps `fedge --help` fast.
+        from fedge.data import DATASETS, DataError, parse_partition
+        from fedge.models import MODELS
+
+        _check(
+            self.dataset in DATASETS,
+            f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}",
+        )
+        try:
+            parse_partition(self.partition)
+        except DataError as err:
+            raise ConfigError(str(err)) from None
+        _check(
+            self.model == "auto" or self.model in MODELS,
+            f"unknown model {self.model!r}; choose auto or one of: {', '.join(MODELS)}",
+        )
+        _check(
+            self.strategy in STRATEGY_NAMES,
+            f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGY_NAMES)}",
+        )
+        _check(
+            self.engine in ENGINES,
+            f"unknown engine {self.engine!r}; choose one of: {', '.join(ENGINES)}",
+        )
+        for name in ("num_clients", "clients_per_round", "num_rounds", "local_epochs",
+                     "batch_size"):
+            value = getattr(self, name)
+            _check(value > 0, f"{_key(name)} must be a positive whole number, got {value}")
+        _check(self.workers >= 0, f"workers must be 0 (one per core) or more, got {self.workers}")
+        _check(
+            self.clients_per_round <= self.num_clients,
+            f"clients-per-round ({self.clients_per_round}) exceeds num-clients "
+            f"({self.num_clients}); lower clients-per-round or raise num-clients",
+        )
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        _check(
+            0 < self.min_reply_fraction <= 1,
+            f"min-reply-fraction must be in (0, 1], got {self.min_reply_fraction}",
+        )
+        _check(self.round_timeout_s > 0, f"round-timeout-s must be > 0, got {self.round_timeout_s}")
+        _check(
+            0 <= self.local_test_fraction < 1,
+            f"local-test-fraction must be in [0, 1), got {self.local_test_fraction}",
+        )
+        _check(
+            0 <= self.fraction_evaluate <= 1,
+            f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}",
+        )
+        _check(self.proximal_mu >= 0, f"proximal-mu must be >= 0, got {self.proximal_mu}")
+        _check(self.server_lr > 0, f"server-lr must be > 0, got {self.server_lr}")
+        _check(
+            0 <= self.server_momentum < 1,
+            f"server-momentum must be in [0, 1), got {self.server_momentum}",
+        )
+        _check(0 <= self.trim_beta < 0.5, f"trim-beta must be in [0, 0.5), got {self.trim_beta}")
+
+    # --- construction -------------------------------------------------------------
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
+        """Build a config from kebab-case keys, on top of ``base`` (default: the defaults).
+
+        Parameters
+        ----------
+        values : Mapping[str, Any]
+            Kebab-case keys with TOML-typed or string values (strings are converted
+            to the field's type, as on a command line).
+        base : RunConfig, optional
+            Values not given keep ``base``'s value.
+
+        Raises
+        ------
+        ConfigError
+            On an unknown key, a value of the wrong type, or a value out of range.
+        """
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        changes: dict[str, Any] = {}
+        for key, raw in values.items():
+            name = key.replace("-", "_")
+            if name not in known or "_" in key:
+                raise ConfigError(_unknown_key_message(key))
+            changes[name] = _coerce(key, raw, known[name].type)
+        return dataclasses.replace(base or cls(), **changes)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, base: RunConfig | None = None) -> RunConfig:
+        """Read keys from a TOML file: top level, or ``[tool.flwr.app.config]`` of a pyproject."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found; check the --config path") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data)
+        return cls.from_mapping(table, base)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The config as kebab-case keys (what ``summary.json`` records as ``config``)."""
+        return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    # --- derived values -----------------------------------------------------------
+
+    def resolved_model(self, default_model: str) -> str:
+        """The model name, with ``auto`` replaced by the dataset's default model."""
+        return default_model if self.model == "auto" else self.model
+
+    def min_replies(self, num_sampled: int) -> int:
+        """Fewest valid replies that let a round of ``num_sampled`` clients aggregate."""
+        # The epsilon keeps 0.5 * 10 from rounding up to 6 through float error.
+        return max(1, math.ceil(self.min_reply_fraction * num_sampled - 1e-9))
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def config_keys() -> list[str]:
+    """All kebab-case keys of the schema, in declaration order."""
+    return [_key(f.name) for f in dataclasses.fields(RunConfig)]
+
+
+def _unknown_key_message(key: str) -> str:
+    keys = config_keys()
+    close = difflib.get_close_matches(key.replace("_", "-"), keys, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown config key {key!r}; {hint}valid keys: {', '.join(keys)}"
+
+
+def _coerce(key: str, raw: Any, type_name: Any) -> Any:
+    """Convert ``raw`` to the field type named by ``type_name`` ("int", "float", "str")."""
+    kind = type_name if isinstance(type_name, str) else type_name.__name__
+    if kind == "str":
+        if not isinstance(raw, str):
+            raise ConfigError(f"{key} must be a string, got {raw!r}")
+        return raw
+    if isinstance(raw, bool):
+        raise ConfigError(f"{key} must be a number, got {raw!r}")
+    if kind == "int":
+        if isinstance(raw, str):
+            try:
+                return int(raw.strip())
+            except ValueError:
+                raise ConfigError(f"{key} must be a whole number, got {raw!r}") from None
+        if isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+        if not isinstance(raw, int):
+            raise ConfigError(f"{key} must be a whole number, got {raw!r}")
+        return raw
+    if kind == "float":
+        if isinstance(raw, str):
+            try:
+                return float(raw.strip())
+            except ValueError:
+                raise ConfigError(f"{key} must be a number, got {raw!r}") from None
+        if not isinstance(raw, int | float):
+            raise ConfigError(f"{key} must be a number, got {raw!r}")
+        return float(raw)
+    raise AssertionError(f"unsupported field type {kind} for {key}")  # pragma: no cover

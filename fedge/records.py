@@ -1,0 +1,53 @@
+"""Record keys and conversions shared by the server and the client (the in-record wire format).
+
+Every key that crosses the wire is a module constant here, in Flower's kebab casing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, RecordDict
+from flwr.common.serde import recorddict_to_proto
+
+# RecordDict keys.
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+
+# MetricRecord keys of replies.
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+EVAL_LOSS = "eval-loss"
+EVAL_ACCURACY = "eval-accuracy"
+
+# ConfigRecord keys of a round's instructions (the server's config travels with the model,
+# so a client needs no copy of the server's settings).
+SERVER_ROUND = "server-round"
+LR = "lr"
+MOMENTUM = "momentum"
+LOCAL_EPOCHS = "local-epochs"
+BATCH_SIZE = "batch-size"
+PROXIMAL_MU = "proximal-mu"
+SEED = "seed"
+
+
+def model_to_arrays(model: torch.nn.Module) -> ArrayRecord:
+    """Pack a model's ``state_dict`` into an :class:`ArrayRecord` (a copy, detached)."""
+    return ArrayRecord({k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()})
+
+
+def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """Unpack an :class:`ArrayRecord` into named numpy arrays."""
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+def load_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:
+    """Copy ``arrays`` into ``model`` in place (strict: names and shapes must match)."""
+    state = {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in arrays.items()}
+    model.load_state_dict(state, strict=True)
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Size in bytes of ``content`` as Flower serializes it on the wire (protobuf)."""
+    return int(recorddict_to_proto(content).ByteSize())

@@ -1,0 +1,110 @@
+"""fedge's ``ServerApp``: the coordination server's entry point under every engine."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedge.config import RunConfig
+from fedge.data import federated_data
+from fedge.models import build_model
+from fedge.records import arrays_to_numpy, load_arrays, model_to_arrays
+from fedge.server.loop import EvaluateFn, RoundHook, RoundLoop
+from fedge.server.run_folder import default_run_dir, write_outputs
+from fedge.strategies import build_strategy
+from fedge.training import EvalResult, evaluate
+
+log = logging.getLogger("fedge.server")
+
+
+def central_evaluation(cfg: RunConfig) -> tuple[ArrayRecord, EvaluateFn]:
+    """The initial global model and the server-side evaluation on the dataset's test split."""
+    data = federated_data(
+        cfg.dataset, cfg.partition, cfg.num_clients, cfg.seed,
+        data_dir=cfg.data_dir or None, local_test_fraction=cfg.local_test_fraction,
+    )
+    spec = data.spec
+    model = build_model(
+        cfg.resolved_model(spec.default_model),
+        input_shape=spec.input_shape,
+        num_classes=spec.num_classes,
+        seed=cfg.seed,
+        vocab_size=spec.vocab_size,
+    )
+    initial = model_to_arrays(model)
+    x_test, y_test = data.central_test()
+
+    def evaluate_fn(arrays: ArrayRecord) -> EvalResult:
+        load_arrays(model, arrays)
+        return evaluate(model, x_test, y_test)
+
+    return initial, evaluate_fn
+
+
+def run_federation(
+    grid: Grid,
+    cfg: RunConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    hooks: Sequence[RoundHook] = (),
+    started_at: float | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) a federation on ``grid`` and write the run folder; return the summary.
+
+    Parameters
+    ----------
+    grid : Grid
+        Any Flower grid: fedge's in-process one, Flower's simulation or a SuperLink's.
+    cfg : RunConfig
+        The run's configuration.
+    run_dir : Path
+        The run folder.
+    resume : bool, default False
+        Continue from ``run_dir``'s checkpoint instead of round 1.
+    hooks : sequence of RoundHook
+        Observers called after every round.
+    started_at : float, optional
+        ``time.perf_counter()`` at the start of the run, for ``summary.json``'s ``wall_s``.
+    """
+    started_at = time.perf_counter() if started_at is None else started_at
+    initial, evaluate_fn = central_evaluation(cfg)
+    loop = RoundLoop(cfg, build_strategy(cfg), initial, evaluate_fn, run_dir, hooks=hooks)
+    if resume:
+        done = loop.resume()
+        log.info("resuming %s after round %d", run_dir, done)
+    history = loop.run(grid)
+    return write_outputs(run_dir, cfg, history, arrays_to_numpy(loop.arrays), time.perf_counter() - started_at)
+
+
+def make_server_app(
+    cfg: RunConfig, run_dir: Path, *, resume: bool = False, hooks: Sequence[RoundHook] = ()
+) -> ServerApp:
+    """A ``ServerApp`` bound to a resolved config (Flower's Ray engine gives apps no run config)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, cfg, run_dir, resume=resume, hooks=hooks)
+
+    return server_app
+
+
+# The app `flwr run` loads (pyproject's [tool.flwr.app.components]): config from the run config.
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point under ``flwr run``: parse the run config once, then run the rounds."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    run_dir = default_run_dir(cfg)
+    resume = (run_dir / "checkpoint.safetensors").is_file()
+    log.info("fedge run folder: %s%s", run_dir.resolve(), " (resuming)" if resume else "")
+    run_federation(grid, cfg, run_dir, resume=resume)

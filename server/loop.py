@@ -1,0 +1,410 @@
+"""fedge's round loop: configure -> send -> check -> aggregate -> evaluate -> checkpoint -> hooks.
+
+It is the body of fedge's ``ServerApp`` main under every engine. It calls Flower
+Message-API strategies (``configure_train``, ``aggregate_train``, ...), so any of them
+plugs in, but it owns what ``Strategy.start`` fixes: client sampling (seeded per round,
+so a resumed run samples what the uninterrupted one would), the exchange itself (a
+:class:`Transport`, so secure aggregation can add its stages), dropping bad updates,
+checkpoints and round hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore.run import Run
+
+from fedge.config import RunConfig
+from fedge.records import (
+    ARRAYS_KEY,
+    BATCH_SIZE,
+    EVAL_ACCURACY,
+    LOCAL_EPOCHS,
+    LR,
+    MOMENTUM,
+    NUM_EXAMPLES,
+    SEED,
+    TRAIN_LOSS,
+    arrays_to_numpy,
+    payload_bytes,
+)
+from fedge.strategies import load_strategy_state, strategy_state
+from fedge.training import EvalResult
+from fedge.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_atomic
+
+log = logging.getLogger("fedge.server")
+
+METRICS_FILE = "metrics.jsonl"
+
+EvaluateFn = Callable[[ArrayRecord], EvalResult]
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What one round did; one line of ``metrics.jsonl``.
+
+    ``clients`` counts the updates aggregated; ``dropped`` the sampled clients whose
+    reply was missing, an error, or rejected. Bytes are Flower's protobuf
+    serialization of the message contents, summed over clients.
+    """
+
+    round: int
+    accuracy: float
+    loss: float
+    clients: int
+    bytes_up: int
+    bytes_down: int
+    wall_s: float
+    sampled: int
+    dropped: int
+    aggregated: bool
+    train_loss: float | None = None
+    federated_accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (NaN, which JSON lacks, becomes null)."""
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class RoundEvent:
+    """Handed to round hooks after a round's checkpoint is on disk."""
+
+    server_round: int
+    arrays: ArrayRecord
+    record: RoundRecord
+    run_dir: Path
+
+
+class RoundHook(Protocol):
+    """Observer of the run: progress displays, exporters (int8 ONNX), publishers."""
+
+    def on_start(self, first_round: int, num_rounds: int) -> None:
+        """Called once before the first round this process runs."""
+
+    def on_round(self, event: RoundEvent) -> None:
+        """Called after every round, once its checkpoint is written."""
+
+
+class Transport(Protocol):
+    """How a round's messages reach clients and replies come back.
+
+    Plain transport is one ``send_and_receive``; secure aggregation replaces it with
+    its multi-stage protocol and hands back replies whose arrays are already summed.
+    """
+
+    def exchange(self, grid: Grid, messages: list[Message], timeout_s: float) -> list[Message]:
+        """Deliver ``messages`` and return the replies received within ``timeout_s``."""
+
+
+class PlainTransport:
+    """One ``send_and_receive`` exchange per round."""
+
+    def exchange(self, grid: Grid, messages: list[Message], timeout_s: float) -> list[Message]:
+        """Send every message and wait for the replies."""
+        return list(grid.send_and_receive(messages, timeout=timeout_s))
+
+
+class _SampledGrid(Grid):
+    """A view of ``grid`` whose nodes are only this round's sampled clients.
+
+    Strategies are built with ``fraction_train = 1.0``, so they address exactly the
+    nodes this view lists: the loop decides who takes part, the strategy what they get.
+    """
+
+    def __init__(self, grid: Grid, node_ids: Sequence[int]) -> None:
+        self._grid = grid
+        self._node_ids = list(node_ids)
+
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+def sample_clients(node_ids: Iterable[int], num: int, seed: int, server_round: int) -> list[int]:
+    """Pick ``num`` distinct nodes for ``server_round``; the same inputs give the same pick."""
+    pool = sorted(node_ids)
+    rng = np.random.default_rng([seed, server_round])
+    return sorted(int(i) for i in rng.choice(pool, size=num, replace=False))
+
+
+def check_update(reply: Message, reference: dict[str, tuple[tuple[int, ...], np.dtype[Any]]]) -> str | None:
+    """Why a training reply cannot be aggregated, or ``None`` when it can.
+
+    A reply is rejected for: an error instead of content, no or several ArrayRecords,
+    arrays whose names, shapes or dtypes differ from the global model's, NaN or Inf
+    values, or a missing / non-positive ``num-examples``.
+    """
+    if reply.has_error():
+        return f"client error: {reply.error.reason}"
+    content = reply.content
+    if len(content.array_records) != 1:
+        return f"expected one ArrayRecord, got {len(content.array_records)}"
+    arrays = next(iter(content.array_records.values()))
+    if set(arrays.keys()) != set(reference):
+        missing = sorted(set(reference) - set(arrays.keys()))
+        extra = sorted(set(arrays.keys()) - set(reference))
+        return f"array names differ from the model's (missing {missing}, unexpected {extra})"
+    for name, array in arrays.items():
+        shape, dtype = reference[name]
+        if tuple(array.shape) != shape or np.dtype(array.dtype) != dtype:
+            return f"array {name!r} is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
+        values = array.numpy()
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            return f"array {name!r} holds NaN or Inf"
+    if len(content.metric_records) != 1:
+        return f"expected one MetricRecord, got {len(content.metric_records)}"
+    metrics = next(iter(content.metric_records.values()))
+    num_examples = metrics.get(NUM_EXAMPLES)
+    if not isinstance(num_examples, int | float) or not num_examples > 0:
+        return f"{NUM_EXAMPLES} must be a positive number, got {num_examples!r}"
+    return None
+
+
+def _weighted_metric(replies: Sequence[Message], key: str) -> float | None:
+    pairs = []
+    for reply in replies:
+        metrics = next(iter(reply.content.metric_records.values()))
+        if key in metrics:
+            pairs.append((float(metrics[NUM_EXAMPLES]), float(metrics[key])))  # type: ignore[arg-type]
+    total = sum(w for w, _ in pairs)
+    return sum(w * v for w, v in pairs) / total if total > 0 else None
+
+
+def wait_for_nodes(grid: Grid, num: int, timeout_s: float) -> list[int]:
+    """Wait until ``grid`` lists at least ``num`` nodes (deployment: SuperNodes connecting)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        node_ids = list(grid.get_node_ids())
+        if len(node_ids) >= num:
+            return node_ids
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"only {len(node_ids)} of the {num} clients a round needs connected within "
+                f"{timeout_s:.0f} s; start more SuperNodes or lower clients-per-round"
+            )
+        log.info("waiting for clients: %d connected, %d needed", len(node_ids), num)
+        time.sleep(1.0)
+
+
+class RoundLoop:
+    """Runs the federated rounds of one run and keeps its run folder.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run's configuration.
+    strategy : Strategy
+        A Flower Message-API strategy (built with ``fraction_train = 1.0``).
+    initial_arrays : ArrayRecord
+        The global model before round 1 (ignored when resuming).
+    evaluate_fn : callable
+        Central evaluation of the global model, ``ArrayRecord -> EvalResult``.
+    run_dir : Path
+        Run folder: ``checkpoint.safetensors`` and ``metrics.jsonl`` are kept here.
+    hooks : sequence of RoundHook
+        Called after each round (an exception in a hook is logged, not raised).
+    transport : Transport, optional
+        Defaults to :class:`PlainTransport`.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        strategy: Strategy,
+        initial_arrays: ArrayRecord,
+        evaluate_fn: EvaluateFn,
+        run_dir: Path,
+        hooks: Sequence[RoundHook] = (),
+        transport: Transport | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.strategy = strategy
+        self.arrays = initial_arrays
+        self.evaluate_fn = evaluate_fn
+        self.run_dir = Path(run_dir)
+        self.hooks = list(hooks)
+        self.transport = transport or PlainTransport()
+        self.history: list[RoundRecord] = []
+        self.last_round = 0
+
+    # --- resume -------------------------------------------------------------------
+
+    def resume(self) -> int:
+        """Load the run folder's checkpoint; return the last completed round.
+
+        ``metrics.jsonl`` is rewritten from the checkpoint's history, which drops a
+        line written after the last checkpoint by a run that then died.
+        """
+        ckpt = load_checkpoint(self.run_dir)
+        self.arrays = ArrayRecord({k: v for k, v in ckpt.model.items()})
+        load_strategy_state(self.strategy, ckpt.strategy_state)
+        self.history = [RoundRecord(**h) for h in ckpt.history]
+        self.last_round = ckpt.server_round
+        lines = "".join(json.dumps(r.to_dict()) + "\n" for r in self.history)
+        write_atomic(self.run_dir / METRICS_FILE, lines.encode())
+        return self.last_round
+
+    # --- rounds -------------------------------------------------------------------
+
+    def run(self, grid: Grid) -> list[RoundRecord]:
+        """Run rounds ``last_round + 1 .. cfg.num_rounds`` on ``grid``; return the full history."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        first = self.last_round + 1
+        for hook in self.hooks:
+            hook.on_start(first, self.cfg.num_rounds)
+        for server_round in range(first, self.cfg.num_rounds + 1):
+            record = self.run_round(grid, server_round)
+            self.history.append(record)
+            self.last_round = server_round
+            self._checkpoint()
+            with open(self.run_dir / METRICS_FILE, "a") as fh:
+                fh.write(json.dumps(record.to_dict()) + "\n")
+            event = RoundEvent(server_round, self.arrays, record, self.run_dir)
+            for hook in self.hooks:
+                try:
+                    hook.on_round(event)
+                except Exception:  # a failed export must not end the training run
+                    log.exception("round hook %s failed in round %d", type(hook).__name__, server_round)
+        return self.history
+
+    def _round_config(self, server_round: int) -> ConfigRecord:
+        cfg = self.cfg
+        return ConfigRecord(
+            {
+                LR: cfg.lr,
+                MOMENTUM: cfg.momentum,
+                LOCAL_EPOCHS: cfg.local_epochs,
+                BATCH_SIZE: cfg.batch_size,
+                SEED: cfg.seed,
+            }
+        )
+
+    def run_round(self, grid: Grid, server_round: int) -> RoundRecord:
+        """One round of training (and evaluation) starting from ``self.arrays``."""
+        cfg = self.cfg
+        start = time.perf_counter()
+        node_ids = wait_for_nodes(grid, cfg.clients_per_round, cfg.round_timeout_s)
+        sampled = sample_clients(node_ids, cfg.clients_per_round, cfg.seed, server_round)
+        messages = list(
+            self.strategy.configure_train(
+                server_round, self.arrays, self._round_config(server_round), _SampledGrid(grid, sampled)
+            )
+        )
+        bytes_down = sum(payload_bytes(m.content) for m in messages)
+        replies = self.transport.exchange(grid, messages, cfg.round_timeout_s)
+        bytes_up = sum(payload_bytes(r.content) for r in replies if r.has_content())
+
+        reference = {k: (tuple(a.shape), np.dtype(a.dtype)) for k, a in self.arrays.items()}
+        valid: list[Message] = []
+        for reply in replies:
+            reason = check_update(reply, reference)
+            if reason is None:
+                valid.append(reply)
+            else:
+                log.warning("round %d: dropped update of node %d: %s", server_round, reply.metadata.src_node_id, reason)
+        missing = len(messages) - len(replies)
+        if missing:
+            log.warning("round %d: %d of %d clients did not reply in time", server_round, missing, len(messages))
+        # Sorting fixes the summation order, so aggregation is bit-reproducible.
+        valid.sort(key=lambda m: m.metadata.src_node_id)
+
+        needed = cfg.min_replies(len(messages))
+        aggregated = False
+        if len(valid) >= needed:
+            new_arrays, _ = self.strategy.aggregate_train(server_round, valid)
+            if new_arrays is not None:
+                self.arrays = ArrayRecord({k: v for k, v in new_arrays.items()})
+                aggregated = True
+        else:
+            log.warning(
+                "round %d: only %d valid updates of %d sampled (min-reply-fraction needs %d); "
+                "keeping the previous global model",
+                server_round, len(valid), len(messages), needed,
+            )
+
+        federated_accuracy = self._federated_evaluate(grid, server_round, node_ids) if cfg.fraction_evaluate > 0 else None
+        central = self.evaluate_fn(self.arrays)
+        return RoundRecord(
+            round=server_round,
+            accuracy=central.accuracy,
+            loss=central.loss,
+            clients=len(valid) if aggregated else 0,
+            bytes_up=bytes_up,
+            bytes_down=bytes_down,
+            wall_s=time.perf_counter() - start,
+            sampled=len(messages),
+            dropped=len(messages) - len(valid),
+            aggregated=aggregated,
+            train_loss=_weighted_metric(valid, TRAIN_LOSS) if valid else None,
+            federated_accuracy=federated_accuracy,
+        )
+
+    def _federated_evaluate(self, grid: Grid, server_round: int, node_ids: list[int]) -> float | None:
+        num = max(1, round(self.cfg.fraction_evaluate * len(node_ids)))
+        sampled = sample_clients(node_ids, num, self.cfg.seed + 1, server_round)
+        messages = list(
+            self.strategy.configure_evaluate(server_round, self.arrays, ConfigRecord(), _SampledGrid(grid, sampled))
+        )
+        replies = [r for r in self.transport.exchange(grid, messages, self.cfg.round_timeout_s) if not r.has_error()]
+        good = [r for r in replies if len(r.content.metric_records) == 1
+                and isinstance(next(iter(r.content.metric_records.values())).get(NUM_EXAMPLES), int | float)]
+        return _weighted_metric(good, EVAL_ACCURACY) if good else None
+
+    def _checkpoint(self) -> None:
+        save_checkpoint(
+            self.run_dir,
+            Checkpoint(
+                server_round=self.last_round,
+                model=arrays_to_numpy(self.arrays),
+                strategy_state=strategy_state(self.strategy),
+                config=self.cfg.to_mapping(),
+                history=[asdict(r) for r in self.history],
+            ),
+        )
+
+
+__all__ = [
+    "ARRAYS_KEY",
+    "METRICS_FILE",
+    "MetricRecord",
+    "PlainTransport",
+    "RoundEvent",
+    "RoundHook",
+    "RoundLoop",
+    "RoundRecord",
+    "Transport",
+    "check_update",
+    "sample_clients",
+]
