@@ -84,13 +84,21 @@ def partition_id(context: Context) -> int:
     except KeyError:
         raise ValueError(
             "node_config has no 'partition-id'; start the SuperNode with "
-            "--node-config \"partition-id=K num-partitions=N\""
+            '--node-config "partition-id=K num-partitions=N"'
         ) from None
 
 
 def client_seed(seed: int, server_round: int, pid: int) -> int:
     """Seed of a client's local shuffling in a round: distinct per (seed, round, client)."""
     return int(np.random.SeedSequence([seed, server_round, pid]).generate_state(1)[0])
+
+
+def _number(record: ConfigRecord, key: str, default: float) -> float:
+    """A numeric round-config value; a wrong type is a clear error, not a crash deep in torch."""
+    value = record.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"round config {key!r} must be a number, got {value!r}")
+    return value
 
 
 def _handle_train(cfg: RunConfig, msg: Message, context: Context) -> Message:
@@ -100,17 +108,17 @@ def _handle_train(cfg: RunConfig, msg: Message, context: Context) -> Message:
     model = _model_for(cfg, data)
     load_arrays(model, msg.content.array_records[ARRAYS_KEY])
     round_cfg = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
-    server_round = int(round_cfg.get(SERVER_ROUND, 0))
-    seed = int(round_cfg.get(SEED, cfg.seed))
+    server_round = int(_number(round_cfg, SERVER_ROUND, 0))
+    seed = int(_number(round_cfg, SEED, cfg.seed))
     result = train_local(
         model,
         x,
         y,
-        epochs=int(round_cfg.get(LOCAL_EPOCHS, cfg.local_epochs)),
-        batch_size=int(round_cfg.get(BATCH_SIZE, cfg.batch_size)),
-        lr=float(round_cfg.get(LR, cfg.lr)),
-        momentum=float(round_cfg.get(MOMENTUM, cfg.momentum)),
-        proximal_mu=float(round_cfg.get(PROXIMAL_MU, 0.0)),
+        epochs=int(_number(round_cfg, LOCAL_EPOCHS, cfg.local_epochs)),
+        batch_size=int(_number(round_cfg, BATCH_SIZE, cfg.batch_size)),
+        lr=float(_number(round_cfg, LR, cfg.lr)),
+        momentum=float(_number(round_cfg, MOMENTUM, cfg.momentum)),
+        proximal_mu=float(_number(round_cfg, PROXIMAL_MU, 0.0)),
         generator=torch.Generator().manual_seed(client_seed(seed, server_round, pid)),
     )
     content = RecordDict(

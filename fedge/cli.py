@@ -8,6 +8,7 @@ Every bad input ends in one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
 from collections.abc import Sequence
@@ -21,7 +22,11 @@ EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with usage errors on one line."""
+    """argparse, with usage errors on one line and no guessing of abbreviated flags."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
@@ -49,8 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sim.add_argument_group("config keys (as in [tool.flwr.app.config])")
     for key in config_keys():
         default = getattr(RunConfig(), key.replace("-", "_"))
-        keys.add_argument(f"--{key}", dest=f"key:{key}", metavar="V", default=argparse.SUPPRESS,
-                          help=f"default: {default!r}")
+        keys.add_argument(
+            f"--{key}",
+            dest=f"key:{key}",
+            metavar="V",
+            default=argparse.SUPPRESS,
+            help=f"default: {default!r}",
+        )
     sim.set_defaults(func=_cmd_simulate)
     return parser
 
@@ -119,14 +129,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedge.server.checkpoint import CheckpointError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = unknown[0].split("=")[0]
+        options = [f"--{k}" for k in config_keys()] + [
+            "--config",
+            "--out",
+            "--resume",
+            "--quiet",
+            "--verbose",
+        ]
+        close = difflib.get_close_matches(flag, options, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        parser.error(f"unknown option {flag!r}{hint}")
     try:
         return int(args.func(args))
     except (ConfigError, DataError, ModelError, CheckpointError) as err:
         print(f"fedge: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("fedge: interrupted; the last completed round is checkpointed (resume with --resume)", file=sys.stderr)
+        print(
+            "fedge: interrupted; the last completed round is checkpointed (resume with --resume)",
+            file=sys.stderr,
+        )
         return 130
 
 

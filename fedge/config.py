@@ -110,8 +110,8 @@ class RunConfig:
     num_clients: int = 50
     clients_per_round: int = 10
     num_rounds: int = 20
-    local_epochs: int = 1
-    batch_size: int = 16
+    local_epochs: int = 5
+    batch_size: int = 8
     lr: float = 0.05
     momentum: float = 0.9
     seed: int = 42
@@ -154,8 +154,7 @@ class RunConfig:
             self.engine in ENGINES,
             f"unknown engine {self.engine!r}; choose one of: {', '.join(ENGINES)}",
         )
-        for name in ("num_clients", "clients_per_round", "num_rounds", "local_epochs",
-                     "batch_size"):
+        for name in ("num_clients", "clients_per_round", "num_rounds", "local_epochs", "batch_size"):
             value = getattr(self, name)
             _check(value > 0, f"{_key(name)} must be a positive whole number, got {value}")
         _check(self.workers >= 0, f"workers must be 0 (one per core) or more, got {self.workers}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 # RecordDict keys.
@@ -32,9 +32,14 @@ PROXIMAL_MU = "proximal-mu"
 SEED = "seed"
 
 
+def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """Pack named numpy arrays into an :class:`ArrayRecord`, keeping their order."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
 def model_to_arrays(model: torch.nn.Module) -> ArrayRecord:
     """Pack a model's ``state_dict`` into an :class:`ArrayRecord` (a copy, detached)."""
-    return ArrayRecord({k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()})
+    return numpy_to_arrays({k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()})
 
 
 def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:

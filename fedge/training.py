@@ -96,7 +96,9 @@ def train_local(
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb), yb)
             if proximal_mu > 0:
-                prox = sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params, strict=True))
+                prox = sum(
+                    ((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params, strict=True)
+                )
                 loss = loss + 0.5 * proximal_mu * prox
             loss.backward()
             optimizer.step()

@@ -8,6 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedge.server.loop import EvaluateFn, RoundHook, RoundLoop
+from fedge.server.run_folder import default_run_dir, write_outputs
+from fedge.strategies import build_strategy
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -15,9 +18,6 @@ from fedge.config import RunConfig
 from fedge.data import federated_data
 from fedge.models import build_model
 from fedge.records import arrays_to_numpy, load_arrays, model_to_arrays
-from fedge.server.loop import EvaluateFn, RoundHook, RoundLoop
-from fedge.server.run_folder import default_run_dir, write_outputs
-from fedge.strategies import build_strategy
 from fedge.training import EvalResult, evaluate
 
 log = logging.getLogger("fedge.server")
@@ -26,8 +26,12 @@ log = logging.getLogger("fedge.server")
 def central_evaluation(cfg: RunConfig) -> tuple[ArrayRecord, EvaluateFn]:
     """The initial global model and the server-side evaluation on the dataset's test split."""
     data = federated_data(
-        cfg.dataset, cfg.partition, cfg.num_clients, cfg.seed,
-        data_dir=cfg.data_dir or None, local_test_fraction=cfg.local_test_fraction,
+        cfg.dataset,
+        cfg.partition,
+        cfg.num_clients,
+        cfg.seed,
+        data_dir=cfg.data_dir or None,
+        local_test_fraction=cfg.local_test_fraction,
     )
     spec = data.spec
     model = build_model(
@@ -80,7 +84,9 @@ def run_federation(
         done = loop.resume()
         log.info("resuming %s after round %d", run_dir, done)
     history = loop.run(grid)
-    return write_outputs(run_dir, cfg, history, arrays_to_numpy(loop.arrays), time.perf_counter() - started_at)
+    return write_outputs(
+        run_dir, cfg, history, arrays_to_numpy(loop.arrays), time.perf_counter() - started_at
+    )
 
 
 def make_server_app(

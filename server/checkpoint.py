@@ -80,19 +80,23 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     """
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; --resume needs the folder of a run that completed a round")
+        raise CheckpointError(
+            f"no checkpoint at {path}; --resume needs the folder of a run that completed a round"
+        )
     try:
-        with safe_open(str(path), framework="np") as fh:  # type: ignore[no-untyped-call]
+        with safe_open(str(path), framework="np") as fh:
             metadata = fh.metadata() or {}
             arrays = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open is not a dict
     except Exception as err:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({err}); restore it or start a new run") from None
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({err}); restore it or start a new run"
+        ) from None
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} has format {metadata.get('format')!r}, expected {FORMAT!r}")
     return Checkpoint(
         server_round=int(metadata["server_round"]),
         model={k: arrays[_MODEL + k] for k in json.loads(metadata["model_keys"])},
-        strategy_state={k[len(_STRATEGY):]: v for k, v in arrays.items() if k.startswith(_STRATEGY)},
+        strategy_state={k[len(_STRATEGY) :]: v for k, v in arrays.items() if k.startswith(_STRATEGY)},
         config=json.loads(metadata["config"]),
         history=json.loads(metadata["history"]),
     )

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from fedge.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_atomic
+from fedge.strategies import load_strategy_state, strategy_state
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -37,11 +39,10 @@ from fedge.records import (
     SEED,
     TRAIN_LOSS,
     arrays_to_numpy,
+    numpy_to_arrays,
     payload_bytes,
 )
-from fedge.strategies import load_strategy_state, strategy_state
 from fedge.training import EvalResult
-from fedge.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_atomic
 
 log = logging.getLogger("fedge.server")
 
@@ -135,7 +136,12 @@ class _SampledGrid(Grid):
         return self._grid.run
 
     def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
     ) -> Message:
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
@@ -148,7 +154,9 @@ class _SampledGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._grid.pull_messages(message_ids)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         return self._grid.send_and_receive(messages, timeout=timeout)
 
 
@@ -268,7 +276,7 @@ class RoundLoop:
         line written after the last checkpoint by a run that then died.
         """
         ckpt = load_checkpoint(self.run_dir)
-        self.arrays = ArrayRecord({k: v for k, v in ckpt.model.items()})
+        self.arrays = numpy_to_arrays(ckpt.model)
         load_strategy_state(self.strategy, ckpt.strategy_state)
         self.history = [RoundRecord(**h) for h in ckpt.history]
         self.last_round = ckpt.server_round
@@ -333,10 +341,17 @@ class RoundLoop:
             if reason is None:
                 valid.append(reply)
             else:
-                log.warning("round %d: dropped update of node %d: %s", server_round, reply.metadata.src_node_id, reason)
+                log.warning(
+                    "round %d: dropped update of node %d: %s",
+                    server_round,
+                    reply.metadata.src_node_id,
+                    reason,
+                )
         missing = len(messages) - len(replies)
         if missing:
-            log.warning("round %d: %d of %d clients did not reply in time", server_round, missing, len(messages))
+            log.warning(
+                "round %d: %d of %d clients did not reply in time", server_round, missing, len(messages)
+            )
         # Sorting fixes the summation order, so aggregation is bit-reproducible.
         valid.sort(key=lambda m: m.metadata.src_node_id)
 
@@ -345,16 +360,21 @@ class RoundLoop:
         if len(valid) >= needed:
             new_arrays, _ = self.strategy.aggregate_train(server_round, valid)
             if new_arrays is not None:
-                self.arrays = ArrayRecord({k: v for k, v in new_arrays.items()})
+                self.arrays = new_arrays
                 aggregated = True
         else:
             log.warning(
                 "round %d: only %d valid updates of %d sampled (min-reply-fraction needs %d); "
                 "keeping the previous global model",
-                server_round, len(valid), len(messages), needed,
+                server_round,
+                len(valid),
+                len(messages),
+                needed,
             )
 
-        federated_accuracy = self._federated_evaluate(grid, server_round, node_ids) if cfg.fraction_evaluate > 0 else None
+        federated_accuracy = (
+            self._federated_evaluate(grid, server_round, node_ids) if cfg.fraction_evaluate > 0 else None
+        )
         central = self.evaluate_fn(self.arrays)
         return RoundRecord(
             round=server_round,
@@ -375,11 +395,19 @@ class RoundLoop:
         num = max(1, round(self.cfg.fraction_evaluate * len(node_ids)))
         sampled = sample_clients(node_ids, num, self.cfg.seed + 1, server_round)
         messages = list(
-            self.strategy.configure_evaluate(server_round, self.arrays, ConfigRecord(), _SampledGrid(grid, sampled))
+            self.strategy.configure_evaluate(
+                server_round, self.arrays, ConfigRecord(), _SampledGrid(grid, sampled)
+            )
         )
-        replies = [r for r in self.transport.exchange(grid, messages, self.cfg.round_timeout_s) if not r.has_error()]
-        good = [r for r in replies if len(r.content.metric_records) == 1
-                and isinstance(next(iter(r.content.metric_records.values())).get(NUM_EXAMPLES), int | float)]
+        replies = [
+            r for r in self.transport.exchange(grid, messages, self.cfg.round_timeout_s) if not r.has_error()
+        ]
+        good = [
+            r
+            for r in replies
+            if len(r.content.metric_records) == 1
+            and isinstance(next(iter(r.content.metric_records.values())).get(NUM_EXAMPLES), int | float)
+        ]
         return _weighted_metric(good, EVAL_ACCURACY) if good else None
 
     def _checkpoint(self) -> None:

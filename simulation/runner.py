@@ -9,17 +9,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedge.config import ConfigError, RunConfig
 from fedge.server.app import make_server_app, run_federation
 from fedge.server.checkpoint import CHECKPOINT_FILE
 from fedge.server.loop import RoundHook
 from fedge.server.run_folder import SUMMARY_FILE, default_run_dir
 from fedge.simulation.grid import InProcessGrid, default_workers
 
+from fedge.config import ConfigError, RunConfig
+
 log = logging.getLogger("fedge.simulation")
 
 # The ClientApp every simulated client runs; it reads the run config from its Context.
 CLIENT_APP_REF = "fedge.client.app:app"
+# What a client imports on its first message, loaded once in the fork server instead:
+# the optimizer's lazy torch._dynamo import, scikit-learn and HF datasets are ~1-2 s each.
+WORKER_PRELOAD = (
+    "torch._dynamo",
+    "sklearn.datasets",
+    "sklearn.model_selection",
+    "datasets",
+    "flwr_datasets.partitioner",
+    "fedge.client.app",
+)
 
 
 def simulate(
@@ -51,12 +62,19 @@ def simulate(
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     has_checkpoint = (run_dir / CHECKPOINT_FILE).is_file()
     if has_checkpoint and not resume:
-        raise ConfigError(f"run folder {run_dir} already holds a run; pass --resume {run_dir} to continue it or choose another --out")
+        raise ConfigError(
+            f"run folder {run_dir} already holds a run; pass --resume {run_dir} to continue it "
+            "or choose another --out"
+        )
     if resume and not has_checkpoint:
-        raise ConfigError(f"no checkpoint in {run_dir}; --resume needs the folder of a run that completed a round")
+        raise ConfigError(
+            f"no checkpoint in {run_dir}; --resume needs the folder of a run that completed a round"
+        )
     workers = cfg.workers or default_workers()
     if cfg.engine == "inprocess":
-        with InProcessGrid(CLIENT_APP_REF, cfg.num_clients, cfg.to_mapping(), workers=workers) as grid:
+        with InProcessGrid(
+            CLIENT_APP_REF, cfg.num_clients, cfg.to_mapping(), workers=workers, preload=WORKER_PRELOAD
+        ) as grid:
             return run_federation(grid, cfg, run_dir, resume=resume, hooks=hooks, started_at=started_at)
     return _simulate_ray(cfg, run_dir, resume=resume, hooks=hooks, workers=workers)
 
@@ -65,9 +83,8 @@ def _simulate_ray(
     cfg: RunConfig, run_dir: Path, *, resume: bool, hooks: Sequence[RoundHook], workers: int
 ) -> dict[str, Any]:
     """Flower's own simulation engine: ``run_simulation`` on a local Ray cluster."""
-    from flwr.simulation import run_simulation
-
     from fedge.client.app import make_client_app
+    from flwr.simulation import run_simulation
 
     run_simulation(
         server_app=make_server_app(cfg, run_dir, resume=resume, hooks=hooks),

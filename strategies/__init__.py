@@ -27,7 +27,6 @@ from fedge.config import RunConfig
 from fedge.records import ARRAYS_KEY, CONFIG_KEY, NUM_EXAMPLES
 
 
-
 def _common(cfg: RunConfig) -> dict[str, object]:
     return {
         "fraction_train": 1.0,
@@ -41,7 +40,7 @@ def _common(cfg: RunConfig) -> dict[str, object]:
     }
 
 
-def _fedopt(cls: type[Strategy]) -> Callable[[RunConfig], Strategy]:
+def _fedopt(cls: type[FedAdam] | type[FedYogi] | type[FedAdagrad]) -> Callable[[RunConfig], Strategy]:
     def build(cfg: RunConfig) -> Strategy:
         return cls(**_common(cfg), eta=cfg.server_lr, eta_l=cfg.lr)  # type: ignore[arg-type]
 

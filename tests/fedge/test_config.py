@@ -1,0 +1,97 @@
+"""The one config schema: defaults equal pyproject's, keys validate with one-line errors."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from fedge.strategies import STRATEGIES
+
+from fedge.config import STRATEGY_NAMES, ConfigError, RunConfig, config_keys
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_equal_the_flower_app_config() -> None:
+    table = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert table == RunConfig().to_mapping()
+
+
+def test_issue_keys_exist_with_their_names() -> None:
+    required = [
+        "dataset",
+        "data-dir",
+        "partition",
+        "model",
+        "strategy",
+        "num-clients",
+        "clients-per-round",
+        "num-rounds",
+        "local-epochs",
+        "batch-size",
+        "lr",
+        "seed",
+        "engine",
+        "workers",
+    ]
+    assert set(required) <= set(config_keys())
+
+
+def test_embedded_default_run() -> None:
+    cfg = RunConfig()
+    assert (cfg.dataset, cfg.partition, cfg.strategy) == ("digits", "dirichlet:0.5", "fedavg")
+    assert (cfg.num_clients, cfg.clients_per_round, cfg.num_rounds) == (50, 10, 20)
+
+
+def test_strategy_registry_matches_the_schema() -> None:
+    assert tuple(STRATEGIES) == STRATEGY_NAMES
+
+
+def test_strings_are_converted_like_command_line_values() -> None:
+    cfg = RunConfig.from_mapping({"num-rounds": "5", "lr": "0.1", "dataset": "mnist"})
+    assert (cfg.num_rounds, cfg.lr, cfg.dataset) == (5, 0.1, "mnist")
+    assert RunConfig.from_mapping({"lr": 1}).lr == 1.0 and isinstance(
+        RunConfig.from_mapping({"lr": 1}).lr, float
+    )
+
+
+def test_config_is_frozen() -> None:
+    with pytest.raises(AttributeError):
+        RunConfig().num_rounds = 3  # type: ignore[misc]
+
+
+def test_toml_file_and_pyproject_table(tmp_path: Path) -> None:
+    (tmp_path / "a.toml").write_text('num-rounds = 3\nstrategy = "fedprox"\nproximal-mu = 0.1\n')
+    cfg = RunConfig.from_toml(tmp_path / "a.toml")
+    assert (cfg.num_rounds, cfg.strategy, cfg.proximal_mu) == (3, "fedprox", 0.1)
+    assert RunConfig.from_toml(REPO / "pyproject.toml") == RunConfig()
+
+
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [
+        ({"dataset": "imagenet"}, "unknown dataset 'imagenet'; choose one of: digits, mnist"),
+        ({"model": "resnet"}, "unknown model 'resnet'; choose auto or one of: cnn8"),
+        ({"strategy": "fedfoo"}, "unknown strategy 'fedfoo'; choose one of: fedavg"),
+        ({"engine": "spark"}, "unknown engine 'spark'; choose one of: inprocess, ray"),
+        ({"partition": "zipf"}, "partition"),
+        ({"num-rounds": 0}, "num-rounds must be a positive whole number, got 0"),
+        ({"num-clients": -3}, "num-clients must be a positive whole number, got -3"),
+        ({"batch-size": "abc"}, "batch-size must be a whole number, got 'abc'"),
+        ({"num-rounds": 2.5}, "num-rounds must be a whole number, got 2.5"),
+        ({"clients-per-round": 60}, "clients-per-round (60) exceeds num-clients (50)"),
+        ({"min-reply-fraction": 0.0}, "min-reply-fraction must be in (0, 1], got 0.0"),
+        ({"min-reply-fraction": 1.5}, "min-reply-fraction must be in (0, 1], got 1.5"),
+        ({"fraction-evaluate": -0.1}, "fraction-evaluate must be in [0, 1]"),
+        ({"num-round": 3}, "unknown config key 'num-round'; did you mean 'num-rounds'?"),
+        ({"num_rounds": 3}, "unknown config key 'num_rounds'; did you mean 'num-rounds'?"),
+        ({"lr": -1}, "lr must be > 0"),
+    ],
+)
+def test_bad_values_are_one_line_errors(values: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_mapping(values)
+    message = str(err.value)
+    assert fragment in message
+    assert "\n" not in message
