@@ -164,7 +164,9 @@ def sample_clients(node_ids: Iterable[int], num: int, seed: int, server_round: i
     """Pick ``num`` distinct nodes for ``server_round``; the same inputs give the same pick."""
     pool = sorted(node_ids)
     rng = np.random.default_rng([seed, server_round])
-    return sorted(int(i) for i in rng.choice(pool, size=num, replace=False))
+    # Pick positions, not ids: Flower's node ids are unsigned 64-bit, which numpy would
+    # turn into float64 (and round) when given a mixed list.
+    return sorted(pool[int(i)] for i in rng.choice(len(pool), size=num, replace=False))
 
 
 def check_update(reply: Message, reference: dict[str, tuple[tuple[int, ...], np.dtype[Any]]]) -> str | None:

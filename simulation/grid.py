@@ -18,6 +18,7 @@ import importlib
 import logging
 import multiprocessing
 import os
+import threading
 import time
 import traceback
 from collections.abc import Iterable, Mapping, Sequence
@@ -141,6 +142,7 @@ class InProcessGrid(Grid):
         self._run = Run.create_empty(run_id)
         self._inline_app: ClientApp | None = None
         self._pool: cf.ProcessPoolExecutor | None = None
+        self._warmup: threading.Thread | None = None
         config: UserConfig = dict(run_config)
         self._contexts: dict[int, Context] = {
             FIRST_NODE_ID + k: Context(
@@ -178,14 +180,20 @@ class InProcessGrid(Grid):
                 initializer=_init_worker,
                 initargs=(self._app_ref, 1),
             )
-            # Start the workers now, without waiting: they boot while the server
-            # loads its own data and model.
-            for _ in range(self._workers):
-                self._pool.submit(_noop)
+            # Start the workers now, from a thread: the first fork waits for the fork
+            # server's preload (seconds), which then overlaps the server's own start-up.
+            pool = self._pool
+            self._warmup = threading.Thread(
+                target=lambda: [pool.submit(_noop) for _ in range(self._workers)], daemon=True
+            )
+            self._warmup.start()
         return self
 
     def close(self) -> None:
         """Stop the worker processes."""
+        if self._warmup is not None:
+            self._warmup.join()
+            self._warmup = None
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

@@ -23,14 +23,13 @@ log = logging.getLogger("fedge.simulation")
 CLIENT_APP_REF = "fedge.client.app:app"
 # What a client imports on its first message, loaded once in the fork server instead:
 # the optimizer's lazy torch._dynamo import, scikit-learn and HF datasets are ~1-2 s each.
-WORKER_PRELOAD = (
-    "torch._dynamo",
-    "sklearn.datasets",
-    "sklearn.model_selection",
-    "datasets",
-    "flwr_datasets.partitioner",
-    "fedge.client.app",
-)
+WORKER_PRELOAD = ("torch._dynamo", "datasets", "flwr_datasets.partitioner", "fedge.client.app")
+
+
+def worker_preload(cfg: RunConfig) -> tuple[str, ...]:
+    """Modules the workers of ``cfg`` will import; scikit-learn only where the loader uses it."""
+    extra = ("sklearn.datasets", "sklearn.model_selection") if cfg.dataset == "digits" else ()
+    return WORKER_PRELOAD + extra
 
 
 def simulate(
@@ -73,7 +72,7 @@ def simulate(
     workers = cfg.workers or default_workers()
     if cfg.engine == "inprocess":
         with InProcessGrid(
-            CLIENT_APP_REF, cfg.num_clients, cfg.to_mapping(), workers=workers, preload=WORKER_PRELOAD
+            CLIENT_APP_REF, cfg.num_clients, cfg.to_mapping(), workers=workers, preload=worker_preload(cfg)
         ) as grid:
             return run_federation(grid, cfg, run_dir, resume=resume, hooks=hooks, started_at=started_at)
     return _simulate_ray(cfg, run_dir, resume=resume, hooks=hooks, workers=workers)

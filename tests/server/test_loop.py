@@ -81,6 +81,9 @@ def test_client_sampling_is_seeded_per_round() -> None:
     assert a == sample_clients(list(reversed(nodes)), 10, seed=7, server_round=3)
     assert a != sample_clients(nodes, 10, seed=7, server_round=4)
     assert len(set(a)) == 10 and set(a) <= set(nodes)
+    # Flower's node ids are unsigned 64-bit; they must come back exact, not via float64.
+    big = [2**64 - 1, 2**63 + 12345, 7870859097658856447]
+    assert set(sample_clients(big, 3, seed=1, server_round=1)) == set(big)
 
 
 def test_min_replies_is_the_ceiling() -> None:
