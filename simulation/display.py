@@ -20,6 +20,7 @@ class RichProgress:
     """A :class:`~fedge.server.loop.RoundHook` that shows rounds as they complete."""
 
     COLUMNS = ("round", "accuracy", "loss", "clients", "bytes up", "bytes down", "seconds")
+    WIDTHS = (5, 8, 7, 7, 9, 10, 7)
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
@@ -40,8 +41,11 @@ class RichProgress:
         self.console.print(self._header())
         self.progress.start()
 
+    def _line(self, cells: tuple[str, ...]) -> str:
+        return "  ".join(f"{c:>{w}}" for c, w in zip(cells, self.WIDTHS, strict=True))
+
     def _header(self) -> str:
-        return "  ".join(f"{c:>10}" for c in self.COLUMNS)
+        return self._line(self.COLUMNS)
 
     def on_round(self, event: RoundEvent) -> None:
         """Print the round's row above the bar and advance it."""
@@ -56,7 +60,7 @@ class RichProgress:
             f"{r.wall_s:.2f}",
         )
         self.rows.append(row)
-        self.progress.console.print("  ".join(f"{c:>10}" for c in row))
+        self.progress.console.print(self._line(row), highlight=False)
         self.progress.advance(self._task)
         if self.progress.finished:
             self.progress.stop()
