@@ -100,6 +100,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         run_dir = default_run_dir(cfg)
 
     _setup_logging(args.verbose)
+    # The round table shows each round; fedge's own log then only needs warnings.
+    logging.getLogger("fedge").setLevel(logging.INFO if args.verbose else logging.WARNING)
     progress = None
     hooks = []
     if not args.quiet:

@@ -106,9 +106,19 @@ def make_server_app(
 app = ServerApp()
 
 
+def log_through_flower() -> None:
+    """Send fedge's log records to Flower's handlers (under ``flwr run`` nothing else shows them)."""
+    fedge_log = logging.getLogger("fedge")
+    if not fedge_log.handlers:
+        for handler in logging.getLogger("flwr").handlers:
+            fedge_log.addHandler(handler)
+        fedge_log.setLevel(logging.INFO)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point under ``flwr run``: parse the run config once, then run the rounds."""
+    log_through_flower()
     cfg = RunConfig.from_mapping(context.run_config)
     run_dir = default_run_dir(cfg)
     resume = (run_dir / "checkpoint.safetensors").is_file()

@@ -215,6 +215,7 @@ def _weighted_metric(replies: Sequence[Message], key: str) -> float | None:
 def wait_for_nodes(grid: Grid, num: int, timeout_s: float) -> list[int]:
     """Wait until ``grid`` lists at least ``num`` nodes (deployment: SuperNodes connecting)."""
     deadline = time.monotonic() + timeout_s
+    reported = -1
     while True:
         node_ids = list(grid.get_node_ids())
         if len(node_ids) >= num:
@@ -224,7 +225,9 @@ def wait_for_nodes(grid: Grid, num: int, timeout_s: float) -> list[int]:
                 f"only {len(node_ids)} of the {num} clients a round needs connected within "
                 f"{timeout_s:.0f} s; start more SuperNodes or lower clients-per-round"
             )
-        log.info("waiting for clients: %d connected, %d needed", len(node_ids), num)
+        if len(node_ids) != reported:
+            log.info("waiting for clients: %d connected, %d needed (clients-per-round)", len(node_ids), num)
+            reported = len(node_ids)
         time.sleep(1.0)
 
 
@@ -296,6 +299,18 @@ class RoundLoop:
             hook.on_start(first, self.cfg.num_rounds)
         for server_round in range(first, self.cfg.num_rounds + 1):
             record = self.run_round(grid, server_round)
+            log.info(
+                "round %d/%d: accuracy %.4f, loss %.4f, %d/%d clients, %d B up, %d B down, %.2f s",
+                server_round,
+                self.cfg.num_rounds,
+                record.accuracy,
+                record.loss,
+                record.clients,
+                record.sampled,
+                record.bytes_up,
+                record.bytes_down,
+                record.wall_s,
+            )
             self.history.append(record)
             self.last_round = server_round
             self._checkpoint()
