@@ -8,9 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedge.server.loop import EvaluateFn, RoundHook, RoundLoop
-from fedge.server.run_folder import default_run_dir, write_outputs
-from fedge.strategies import build_strategy
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -18,6 +15,9 @@ from fedge.config import RunConfig
 from fedge.data import federated_data
 from fedge.models import build_model
 from fedge.records import arrays_to_numpy, load_arrays, model_to_arrays
+from fedge.server.loop import EvaluateFn, RoundHook, RoundLoop
+from fedge.server.run_folder import default_run_dir, write_outputs
+from fedge.strategies import build_strategy
 from fedge.training import EvalResult, evaluate
 
 log = logging.getLogger("fedge.server")

@@ -20,16 +20,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from fedge.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_atomic
-from fedge.strategies import load_strategy_state, strategy_state
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.run import Run
 
 from fedge.config import RunConfig
 from fedge.records import (
-    ARRAYS_KEY,
     BATCH_SIZE,
     EVAL_ACCURACY,
     LOCAL_EPOCHS,
@@ -42,6 +39,8 @@ from fedge.records import (
     numpy_to_arrays,
     payload_bytes,
 )
+from fedge.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_atomic
+from fedge.strategies import load_strategy_state, strategy_state
 from fedge.training import EvalResult
 
 log = logging.getLogger("fedge.server")
@@ -324,7 +323,7 @@ class RoundLoop:
                     log.exception("round hook %s failed in round %d", type(hook).__name__, server_round)
         return self.history
 
-    def _round_config(self, server_round: int) -> ConfigRecord:
+    def _round_config(self) -> ConfigRecord:
         cfg = self.cfg
         return ConfigRecord(
             {
@@ -344,7 +343,7 @@ class RoundLoop:
         sampled = sample_clients(node_ids, cfg.clients_per_round, cfg.seed, server_round)
         messages = list(
             self.strategy.configure_train(
-                server_round, self.arrays, self._round_config(server_round), _SampledGrid(grid, sampled)
+                server_round, self.arrays, self._round_config(), _SampledGrid(grid, sampled)
             )
         )
         bytes_down = sum(payload_bytes(m.content) for m in messages)
@@ -441,9 +440,7 @@ class RoundLoop:
 
 
 __all__ = [
-    "ARRAYS_KEY",
     "METRICS_FILE",
-    "MetricRecord",
     "PlainTransport",
     "RoundEvent",
     "RoundHook",

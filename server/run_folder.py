@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fedge.server.checkpoint import write_atomic
-from fedge.server.loop import RoundRecord
 from safetensors.numpy import save
 
 from fedge import __version__
 from fedge.config import RunConfig
+from fedge.server.checkpoint import write_atomic
+from fedge.server.loop import RoundRecord
 
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "accuracy.png"

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fedge.server.loop import RoundEvent
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from fedge.server.loop import RoundEvent
 
 
 def _bytes(n: int) -> str:

@@ -9,13 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedge.config import ConfigError, RunConfig
 from fedge.server.app import make_server_app, run_federation
 from fedge.server.checkpoint import CHECKPOINT_FILE
 from fedge.server.loop import RoundHook
 from fedge.server.run_folder import SUMMARY_FILE, default_run_dir
 from fedge.simulation.grid import InProcessGrid, default_workers
-
-from fedge.config import ConfigError, RunConfig
 
 log = logging.getLogger("fedge.simulation")
 
@@ -82,8 +81,9 @@ def _simulate_ray(
     cfg: RunConfig, run_dir: Path, *, resume: bool, hooks: Sequence[RoundHook], workers: int
 ) -> dict[str, Any]:
     """Flower's own simulation engine: ``run_simulation`` on a local Ray cluster."""
-    from fedge.client.app import make_client_app
     from flwr.simulation import run_simulation
+
+    from fedge.client.app import make_client_app
 
     run_simulation(
         server_app=make_server_app(cfg, run_dir, resume=resume, hooks=hooks),

@@ -6,9 +6,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from fedge.strategies import STRATEGIES
 
 from fedge.config import STRATEGY_NAMES, ConfigError, RunConfig, config_keys
+from fedge.strategies import STRATEGIES
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fedge.server.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 
 

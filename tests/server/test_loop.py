@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedge.server.loop import RoundLoop, sample_clients
-from fedge.simulation.grid import InProcessGrid
-from fedge.strategies import build_strategy
 from flwr.app import ArrayRecord
 
 from fedge.config import RunConfig
 from fedge.records import numpy_to_arrays
+from fedge.server.loop import RoundLoop, sample_clients
+from fedge.simulation.grid import InProcessGrid
+from fedge.strategies import build_strategy
 from fedge.training import EvalResult
 
 

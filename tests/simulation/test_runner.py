@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedge.server.loop import RoundEvent
-from fedge.simulation.runner import simulate
 from safetensors.numpy import load_file
 
 from fedge.config import ConfigError, RunConfig
+from fedge.server.loop import RoundEvent
+from fedge.simulation.runner import simulate
 
 SMALL = {
     "num-clients": 6,
