@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,6 +82,9 @@ def _simulate_ray(
     cfg: RunConfig, run_dir: Path, *, resume: bool, hooks: Sequence[RoundHook], workers: int
 ) -> dict[str, Any]:
     """Flower's own simulation engine: ``run_simulation`` on a local Ray cluster."""
+    # Ray warns on every start that it will stop overriding accelerator variables for
+    # num_gpus=0; opting in to that behaviour now is what fedge wants anyway (CPU clients).
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
 
     from fedge.client.app import make_client_app
