@@ -1,0 +1,192 @@
+"""End-to-end deployment: a SuperLink, two SuperNodes and ``flwr run`` on this project.
+
+Everything binds to 127.0.0.1 on free ports, Flower's home (connection config, unpacked
+app bundles) lives in ``tmp_path``, nothing installs dependencies at run time, and every
+process the test starts is stopped in ``finally`` (and checked to be gone).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from processes import ProcessGroup, free_ports, wait_for_text, wait_http_ok
+
+PROJECT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr, flower-superexec
+CONNECTION = "fedge-e2e"
+NUM_ROUNDS = 2
+NUM_NODES = 2
+ACTIVATED = "[Fleet.ActivateNode] Activated node_id"
+
+
+def _flwr(group: ProcessGroup, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(VENV_BIN / "flwr"), *args],
+        cwd=group.cwd,
+        env=group.env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _fab_size(project: Path) -> int:
+    """Size of the bundle `flwr run` uploads (built the same way, in memory)."""
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.constant import FAB_MAX_SIZE
+
+    size = len(build_fab_from_disk(project))
+    assert size <= FAB_MAX_SIZE
+    return size
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_superlink_two_supernodes_flwr_run(tmp_path: Path) -> None:
+    t_start = time.monotonic()
+    # `flwr run` migrates a legacy [tool.flwr.federations] section by rewriting the
+    # project's pyproject.toml; the test must never write into the source tree.
+    pyproject = tomllib.loads((PROJECT / "pyproject.toml").read_text())
+    assert "federations" not in pyproject.get("tool", {}).get("flwr", {}), (
+        "pyproject.toml has [tool.flwr.federations]: `flwr run` would rewrite it"
+    )
+    fab_size = _fab_size(PROJECT)
+
+    home = tmp_path / "flwr_home"
+    home.mkdir()
+    out_dir = tmp_path / "runs"
+    fleet_port, http_port, *node_ports = free_ports(2 + NUM_NODES)
+    (home / "config.toml").write_text(
+        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n'
+    )
+    env = dict(os.environ)
+    env.update(
+        # The servers spawn flower-superexec, flwr-serverapp and flwr-clientapp by name.
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        FLWR_HOME=str(home),
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+    )
+    group = ProcessGroup(tmp_path, env)
+    run_out = ""
+    try:
+        superlink = group.start(
+            "superlink",
+            [
+                str(VENV_BIN / "flower-superlink"),
+                "--insecure",
+                "--fleet-api-address",
+                f"127.0.0.1:{fleet_port}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(http_port),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
+        wait_http_ok(f"http://127.0.0.1:{http_port}/health", 60, superlink)
+        for pid, port in enumerate(node_ports):
+            group.start(
+                f"supernode{pid}",
+                [
+                    str(VENV_BIN / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{fleet_port}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--node-config",
+                    f"partition-id={pid} num-partitions={NUM_NODES}",
+                    "--max-retries",
+                    "10",
+                    "--max-wait-time",
+                    "60",
+                ],
+            )
+        # Both SuperNodes registered over the Fleet API (gRPC) at the port they were given.
+        link_log = wait_for_text(group.log_path("superlink"), ACTIVATED, NUM_NODES, 60)
+        node_ids = set(re.findall(r"Activated node_id=(\d+)", link_log))
+        assert len(node_ids) == NUM_NODES, link_log
+        t_up = time.monotonic()
+
+        run_config = (
+            f"num-clients={NUM_NODES} clients-per-round={NUM_NODES} num-rounds={NUM_ROUNDS} "
+            f"local-epochs=2 out-dir='{out_dir}' run-name='e2e'"
+        )
+        result = _flwr(
+            group, "run", str(PROJECT), CONNECTION, "--stream", "--run-config", run_config, timeout=120
+        )
+        run_out = result.stdout + result.stderr
+        t_run = time.monotonic()
+        # `flwr run --stream` exits 0 even when the ServerApp raises; the files tell.
+        assert result.returncode == 0, run_out
+
+        run_dir = out_dir / "e2e"
+        summary_path = run_dir / "summary.json"
+        assert summary_path.is_file(), f"no {summary_path}; flwr run said:\n{run_out}"
+        summary = json.loads(summary_path.read_text())
+        assert summary["rounds_completed"] == NUM_ROUNDS
+        # --run-config reached the ServerApp (pyproject's defaults are 20 rounds, 50 clients).
+        assert summary["config"]["num-rounds"] == NUM_ROUNDS
+        assert summary["config"]["num-clients"] == NUM_NODES
+        assert summary["config"]["out-dir"] == str(out_dir)
+        history = summary["history"]
+        assert [row["round"] for row in history] == list(range(1, NUM_ROUNDS + 1))
+        for row in history:
+            assert row["clients"] == NUM_NODES, row
+            assert row["dropped"] == 0, row
+            assert row["aggregated"] is True, row
+            assert row["bytes_up"] > 0 and row["bytes_down"] > 0, row
+            assert isinstance(row["accuracy"], float) and 0.0 <= row["accuracy"] <= 1.0, row
+            assert isinstance(row["loss"], float) and math.isfinite(row["loss"]), row
+        assert summary["final"]["accuracy"] == history[-1]["accuracy"]
+        assert summary["bytes_up_total"] == sum(row["bytes_up"] for row in history)
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == NUM_ROUNDS
+        assert [json.loads(line)["round"] for line in lines] == list(range(1, NUM_ROUNDS + 1))
+        for name in ("model.safetensors", "accuracy.png", "checkpoint.safetensors"):
+            assert (run_dir / name).is_file(), name
+
+        # The SuperLink's own record of the run.
+        ls = _flwr(group, "ls", CONNECTION, "--format", "json", timeout=30)
+        assert ls.returncode == 0, ls.stdout + ls.stderr
+        runs = json.loads(ls.stdout)["runs"]
+        assert len(runs) == 1, runs
+        assert runs[0]["status"] == "finished:completed", runs[0]
+
+        # Both nodes are still the two that registered at start-up (no re-registration).
+        link_log = group.log("superlink")
+        assert set(re.findall(r"Activated node_id=(\d+)", link_log)) == node_ids
+        for pid in range(NUM_NODES):
+            assert group.procs[f"supernode{pid}"].poll() is None, group.log(f"supernode{pid}")
+        assert superlink.poll() is None, link_log
+    except BaseException:
+        for name in group.procs:
+            print(f"----- {name}.log -----\n{group.log(name)[-4000:]}")
+        print(f"----- flwr run -----\n{run_out[-6000:]}")
+        raise
+    finally:
+        stop_s = group.stop()
+        leftovers = group.alive()
+
+    print(
+        f"\nFAB {fab_size} bytes; deployment up in {t_up - t_start:.1f} s, "
+        f"flwr run {t_run - t_up:.1f} s, teardown {stop_s:.1f} s, "
+        f"total {time.monotonic() - t_start:.1f} s"
+    )
+    assert not leftovers, f"processes left running: {sorted(leftovers)}"
+    for name, proc in group.procs.items():
+        assert proc.returncode is not None, name
