@@ -77,6 +77,9 @@ def test_superlink_two_supernodes_flwr_run(tmp_path: Path) -> None:
         FLWR_DISABLE_UPDATE_CHECK="1",
         FLWR_TELEMETRY_ENABLED="0",
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        # Both SuperNodes' ClientApps train at once on this one host; with torch's default
+        # of one OpenMP thread per core they oversubscribe it and a round takes ~25 s, not ~9 s.
+        OMP_NUM_THREADS="1",
     )
     group = ProcessGroup(tmp_path, env)
     run_out = ""
