@@ -100,6 +100,26 @@ class RunConfig:
         Parent folder of run folders; a run writes ``out_dir/run_name/``.
     run_name : str
         Name of the run folder; empty means ``<dataset>-<strategy>-<timestamp>``.
+    export_every : str
+        When the server exports the global model to int8 ONNX: ``off``, ``final`` (the
+        last round only) or a whole number N (every N rounds, and the last round).
+    export_max_accuracy_drop : float
+        Gate: the int8 model may lose at most this much top-1 accuracy against fp32
+        (a fraction: 0.01 is one point).
+    export_max_latency_ms : float
+        Gate: the int8 model's p50 latency (1 thread, batch 1) may be at most this, in
+        ms; 0 means no latency gate.
+    export_calibration_samples : int
+        Server-side training samples that calibrate static int8 quantization; 0 uses
+        dynamic quantization (no calibration), recorded as such in the manifest.
+    export_federated_eval : bool
+        Also send the int8 candidate to clients, which evaluate it on their local data;
+        the gate then uses the example-weighted federated accuracy.
+    signing_key : str
+        Ed25519 private key that signs published models (``fedge keys new``); empty
+        makes a key pair in the run folder's ``keys/``.
+    registry_dir : str
+        Where published versions go; empty means the run folder's ``artifacts/``.
     """
 
     dataset: str = "digits"
@@ -127,6 +147,13 @@ class RunConfig:
     trim_beta: float = 0.2
     out_dir: str = "runs"
     run_name: str = field(default="")
+    export_every: str = "final"
+    export_max_accuracy_drop: float = 0.01
+    export_max_latency_ms: float = 0.0
+    export_calibration_samples: int = 256
+    export_federated_eval: bool = False
+    signing_key: str = ""
+    registry_dir: str = ""
 
     def __post_init__(self) -> None:
         # Imported here: the kernel's data and model modules pull in numpy/torch, and
@@ -185,6 +212,26 @@ class RunConfig:
             f"server-momentum must be in [0, 1), got {self.server_momentum}",
         )
         _check(0 <= self.trim_beta < 0.5, f"trim-beta must be in [0, 0.5), got {self.trim_beta}")
+        _check(
+            self.export_every in ("off", "final")
+            or (self.export_every.isdigit() and int(self.export_every) > 0),
+            "export-every must be off, final or a positive whole number of rounds, "
+            f"got {self.export_every!r}",
+        )
+        _check(
+            0 <= self.export_max_accuracy_drop <= 1,
+            "export-max-accuracy-drop must be in [0, 1] (0.01 is one point), "
+            f"got {self.export_max_accuracy_drop}",
+        )
+        _check(
+            self.export_max_latency_ms >= 0,
+            f"export-max-latency-ms must be >= 0 (0: no latency gate), got {self.export_max_latency_ms}",
+        )
+        _check(
+            self.export_calibration_samples >= 0,
+            f"export-calibration-samples must be >= 0 (0: dynamic quantization), "
+            f"got {self.export_calibration_samples}",
+        )
 
     # --- construction -------------------------------------------------------------
 
@@ -237,6 +284,14 @@ class RunConfig:
         """The model name, with ``auto`` replaced by the dataset's default model."""
         return default_model if self.model == "auto" else self.model
 
+    def exports_after(self, server_round: int) -> bool:
+        """Whether the server exports the global model after ``server_round``."""
+        if self.export_every == "off":
+            return False
+        if server_round == self.num_rounds:
+            return True
+        return self.export_every != "final" and server_round % int(self.export_every) == 0
+
     def min_replies(self, num_sampled: int) -> int:
         """Fewest valid replies that let a round of ``num_sampled`` clients aggregate."""
         # The epsilon keeps 0.5 * 10 from rounding up to 6 through float error.
@@ -259,13 +314,25 @@ def _unknown_key_message(key: str) -> str:
     return f"unknown config key {key!r}; {hint}valid keys: {', '.join(keys)}"
 
 
+# String keys that also take a whole number (`export-every = 5` in TOML).
+_INT_AS_STR = {"export-every"}
+
+
 def _coerce(key: str, raw: Any, type_name: Any) -> Any:
-    """Convert ``raw`` to the field type named by ``type_name`` ("int", "float", "str")."""
+    """Convert ``raw`` to the field type named by ``type_name`` ("int", "float", "str", "bool")."""
     kind = type_name if isinstance(type_name, str) else type_name.__name__
     if kind == "str":
+        if key in _INT_AS_STR and isinstance(raw, int) and not isinstance(raw, bool):
+            return str(raw)
         if not isinstance(raw, str):
             raise ConfigError(f"{key} must be a string, got {raw!r}")
         return raw
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
+            return raw.strip().lower() == "true"
+        raise ConfigError(f"{key} must be true or false, got {raw!r}")
     if isinstance(raw, bool):
         raise ConfigError(f"{key} must be a number, got {raw!r}")
     if kind == "int":

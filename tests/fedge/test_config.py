@@ -87,6 +87,10 @@ def test_toml_file_and_pyproject_table(tmp_path: Path) -> None:
         ({"num-round": 3}, "unknown config key 'num-round'; did you mean 'num-rounds'?"),
         ({"num_rounds": 3}, "unknown config key 'num_rounds'; did you mean 'num-rounds'?"),
         ({"lr": -1}, "lr must be > 0"),
+        ({"export-every": "sometimes"}, "export-every must be off, final or a positive whole number"),
+        ({"export-every": 0}, "export-every must be off, final or a positive whole number"),
+        ({"export-federated-eval": "maybe"}, "export-federated-eval must be true or false, got 'maybe'"),
+        ({"export-max-accuracy-drop": 2}, "export-max-accuracy-drop must be in [0, 1]"),
     ],
 )
 def test_bad_values_are_one_line_errors(values: dict[str, object], fragment: str) -> None:
@@ -95,3 +99,20 @@ def test_bad_values_are_one_line_errors(values: dict[str, object], fragment: str
     message = str(err.value)
     assert fragment in message
     assert "\n" not in message
+
+
+def test_export_schedule() -> None:
+    def rounds(every: object) -> list[int]:
+        cfg = RunConfig.from_mapping({"num-rounds": 10, "export-every": every})
+        return [r for r in range(1, 11) if cfg.exports_after(r)]
+
+    assert rounds("off") == []
+    assert rounds("final") == [10]
+    assert rounds(3) == [3, 6, 9, 10]  # a TOML integer works as well as "3"
+    assert rounds("5") == [5, 10]
+
+
+def test_booleans_from_toml_and_command_line() -> None:
+    assert RunConfig.from_mapping({"export-federated-eval": True}).export_federated_eval is True
+    assert RunConfig.from_mapping({"export-federated-eval": "true"}).export_federated_eval is True
+    assert RunConfig.from_mapping({"export-federated-eval": "False"}).export_federated_eval is False
