@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,8 @@ from fedge.config import RunConfig
 from fedge.data import FederatedData, federated_data
 from fedge.models import build_model
 from fedge.records import (
+    ACCURACY_FP32,
+    ACCURACY_INT8,
     ARRAYS_KEY,
     BATCH_SIZE,
     CONFIG_KEY,
@@ -32,6 +35,9 @@ from fedge.records import (
     METRICS_KEY,
     MOMENTUM,
     NUM_EXAMPLES,
+    ONNX_ACTION,
+    ONNX_FP32,
+    ONNX_INT8,
     PROXIMAL_MU,
     SEED,
     SERVER_ROUND,
@@ -142,6 +148,34 @@ def _handle_evaluate(cfg: RunConfig, msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
 
+def _handle_evaluate_onnx(cfg: RunConfig, msg: Message, context: Context) -> Message:
+    """Score the server's fp32 and int8 ONNX candidates on this client's local data.
+
+    The models arrive as ONNX bytes (a protobuf graph, never a pickle) and run in ONNX
+    Runtime, as they would on the device; the reply is the two accuracies and the
+    example count the server weights them by.
+    """
+    import tempfile
+
+    from fedge.deploy.export import onnx_accuracy
+
+    record = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    blobs = {key: record.get(key) for key in (ONNX_FP32, ONNX_INT8)}
+    for key, blob in blobs.items():
+        if not isinstance(blob, bytes) or not blob:
+            raise ValueError(f"evaluate.onnx message lacks the {key!r} bytes")
+    x, y = client_data(cfg).client_test(partition_id(context))
+    x = np.asarray(x)
+    accuracies = {}
+    with tempfile.TemporaryDirectory(prefix="fedge-check-") as tmp:
+        for key, metric in ((ONNX_FP32, ACCURACY_FP32), (ONNX_INT8, ACCURACY_INT8)):
+            path = Path(tmp) / f"{key}.onnx"
+            path.write_bytes(blobs[key])  # type: ignore[arg-type]
+            accuracies[metric] = onnx_accuracy(path, x, y)
+    metrics = MetricRecord({NUM_EXAMPLES: len(y), **accuracies})
+    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
 def make_client_app(cfg: RunConfig | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
     """Build fedge's ``ClientApp``.
 
@@ -167,6 +201,10 @@ def make_client_app(cfg: RunConfig | None = None, mods: Sequence[Mod] = ()) -> C
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
         return _handle_evaluate(resolve(context), msg, context)
+
+    @app.evaluate(ONNX_ACTION)
+    def evaluate_onnx(msg: Message, context: Context) -> Message:
+        return _handle_evaluate_onnx(resolve(context), msg, context)
 
     return app
 

@@ -62,6 +62,38 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"default: {default!r}",
         )
     sim.set_defaults(func=_cmd_simulate)
+
+    keys_cmd = sub.add_parser("keys", help="signing keys for published models")
+    keys_sub = keys_cmd.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    new = keys_sub.add_parser("new", help="make an Ed25519 key pair: DIR/signing.key (0600), DIR/signing.pub")
+    new.add_argument("--out", required=True, metavar="DIR")
+    new.set_defaults(func=_cmd_keys_new)
+
+    deploy = sub.add_parser("deploy", help="the registry of published int8 models")
+    deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True, parser_class=_Parser)
+    listing = deploy_sub.add_parser("list", help="published versions; * marks current")
+    listing.add_argument("--registry", required=True, metavar="DIR", help="e.g. runs/NAME/artifacts")
+    listing.set_defaults(func=_cmd_deploy_list)
+    rollback = deploy_sub.add_parser("rollback", help="move current back (to VERSION, or the previous one)")
+    rollback.add_argument("version", nargs="?", help="e.g. round-0003 (default: the one before current)")
+    rollback.add_argument("--registry", required=True, metavar="DIR")
+    rollback.set_defaults(func=_cmd_deploy_rollback)
+    verify = deploy_sub.add_parser("verify", help="check a version's signature and file hashes")
+    verify.add_argument(
+        "artifact", metavar="DIR", help="a version folder, e.g. runs/NAME/artifacts/round-0020"
+    )
+    verify.add_argument("--public-key", required=True, metavar="KEY")
+    verify.set_defaults(func=_cmd_deploy_verify)
+
+    infer = sub.add_parser("infer", help="verify, install and run a published model (the device side)")
+    infer.add_argument("--model", required=True, metavar="DIR", help="a version folder or a registry folder")
+    infer.add_argument("--public-key", required=True, metavar="KEY", help="the pinned signing public key")
+    infer.add_argument("--input", metavar="FILE.npy", help="inputs, shaped (N, *input_shape)")
+    infer.add_argument("--benchmark", action="store_true", help="print latency p50/p95/p99 and model size")
+    infer.add_argument(
+        "--install-dir", metavar="DIR", help="where the device keeps versions (default: temporary)"
+    )
+    infer.set_defaults(func=_cmd_infer)
     return parser
 
 
@@ -124,9 +156,76 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keys_new(args: argparse.Namespace) -> int:
+    from fedge.deploy.artifacts import generate_keypair
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    private, public = generate_keypair(out)
+    print(f"fedge: wrote {private} (private, mode 0600) and {public}")
+    return 0
+
+
+def _cmd_deploy_list(args: argparse.Namespace) -> int:
+    from fedge.deploy.registry import Registry
+
+    registry = Registry(Path(args.registry))
+    current = registry.current()
+    for version in registry.versions():
+        print(f"{'*' if version == current else ' '} {version}")
+    return 0
+
+
+def _cmd_deploy_rollback(args: argparse.Namespace) -> int:
+    from fedge.deploy.registry import Registry
+
+    print(f"fedge: current is now {Registry(Path(args.registry)).rollback(args.version)}")
+    return 0
+
+
+def _cmd_deploy_verify(args: argparse.Namespace) -> int:
+    from fedge.deploy.artifacts import load_public_key, verify_artifact
+
+    manifest = verify_artifact(Path(args.artifact), load_public_key(Path(args.public_key)))
+    print(
+        f"fedge: {manifest['version']} verified: signature and {len(manifest['files'])} file hash(es) match"
+    )
+    return 0
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    import numpy as np
+
+    from fedge.deploy.artifacts import load_public_key
+    from fedge.deploy.runtime import DeviceRuntime
+
+    if not args.input and not args.benchmark:
+        raise ConfigError("nothing to do: pass --input FILE.npy, --benchmark, or both")
+    with tempfile.TemporaryDirectory(prefix="fedge-device-") as tmp:
+        runtime = DeviceRuntime(Path(args.install_dir or tmp), load_public_key(Path(args.public_key)))
+        version = runtime.install(Path(args.model))
+        print(f"fedge: installed {version} (signature and hashes verified)", file=sys.stderr)
+        if args.input:
+            try:
+                x = np.load(args.input, allow_pickle=False)
+            except (OSError, ValueError) as err:
+                raise ConfigError(
+                    f"cannot read --input {args.input}: {err}; save it with numpy.save"
+                ) from None
+            print(" ".join(str(int(c)) for c in runtime.predict(x)))
+        if args.benchmark:
+            print(json.dumps(runtime.benchmark(), indent=2))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fedge`` command; return its exit status."""
     from fedge.data import DataError
+    from fedge.deploy.artifacts import ArtifactError
+    from fedge.deploy.registry import RegistryError
     from fedge.models import ModelError
     from fedge.server.checkpoint import CheckpointError
 
@@ -146,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown option {flag!r}{hint}")
     try:
         return int(args.func(args))
-    except (ConfigError, DataError, ModelError, CheckpointError) as err:
+    except (ConfigError, DataError, ModelError, CheckpointError, ArtifactError, RegistryError) as err:
         print(f"fedge: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

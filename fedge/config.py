@@ -54,7 +54,8 @@ class RunConfig:
     Parameters
     ----------
     dataset : str
-        One of :data:`fedge.data.DATASETS` (default ``digits``, bundled with scikit-learn).
+        One of :data:`fedge.data.DATASETS` (default ``digits``, bundled with scikit-learn),
+        or ``hf:<hub id>`` for a Hugging Face dataset through flwr-datasets (online only).
     data_dir : str
         Folder holding the dataset folders (as ``../shared/datasets``); empty means
         ``$FEDGE_DATA_DIR``. Not needed for ``digits``.
@@ -158,14 +159,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         # Imported here: the kernel's data and model modules pull in numpy/torch, and
         # keeping them out of module import keeps `fedge --help` fast.
-        from fedge.data import DATASETS, DataError, parse_partition
+        from fedge.data import DataError, check_dataset_name, parse_partition
         from fedge.models import MODELS
 
-        _check(
-            self.dataset in DATASETS,
-            f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}",
-        )
         try:
+            check_dataset_name(self.dataset)  # built-in names, or hf:<hub id> (not fetched here)
             parse_partition(self.partition)
         except DataError as err:
             raise ConfigError(str(err)) from None

@@ -21,6 +21,13 @@ TRAIN_LOSS = "train-loss"
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
 
+# The federated check of an int8 candidate (message type "evaluate.onnx").
+ONNX_ACTION = "onnx"
+ONNX_FP32 = "model-fp32-onnx"
+ONNX_INT8 = "model-int8-onnx"
+ACCURACY_FP32 = "accuracy-fp32"
+ACCURACY_INT8 = "accuracy-int8"
+
 # ConfigRecord keys of a round's instructions (the server's config travels with the model,
 # so a client needs no copy of the server's settings).
 SERVER_ROUND = "server-round"

@@ -79,13 +79,24 @@ def run_federation(
     """
     started_at = time.perf_counter() if started_at is None else started_at
     initial, evaluate_fn = central_evaluation(cfg)
-    loop = RoundLoop(cfg, build_strategy(cfg), initial, evaluate_fn, run_dir, hooks=hooks)
+    all_hooks = list(hooks)
+    if cfg.export_every != "off":
+        # Built before round 1: a missing signing key must stop the run before it starts.
+        from fedge.server.export_hook import ExportHook
+
+        all_hooks.append(ExportHook(cfg, run_dir))
+    loop = RoundLoop(cfg, build_strategy(cfg), initial, evaluate_fn, run_dir, hooks=all_hooks)
     if resume:
         done = loop.resume()
         log.info("resuming %s after round %d", run_dir, done)
     history = loop.run(grid)
+    extra: dict[str, Any] = {}
+    for hook in all_hooks:
+        items = getattr(hook, "summary_items", None)
+        if items is not None:
+            extra.update(items())
     return write_outputs(
-        run_dir, cfg, history, arrays_to_numpy(loop.arrays), time.perf_counter() - started_at
+        run_dir, cfg, history, arrays_to_numpy(loop.arrays), time.perf_counter() - started_at, extra
     )
 
 

@@ -85,6 +85,7 @@ class RoundEvent:
     arrays: ArrayRecord
     record: RoundRecord
     run_dir: Path
+    grid: Grid  # lets a hook ask clients too (the federated check of an int8 candidate)
 
 
 class RoundHook(Protocol):
@@ -95,6 +96,13 @@ class RoundHook(Protocol):
 
     def on_round(self, event: RoundEvent) -> None:
         """Called after every round, once its checkpoint is written."""
+
+
+class SummaryHook(RoundHook, Protocol):
+    """A hook that adds keys to ``summary.json`` (the exporter adds ``artifacts``)."""
+
+    def summary_items(self) -> dict[str, Any]:
+        """Keys and JSON values to merge into the run's summary."""
 
 
 class Transport(Protocol):
@@ -315,7 +323,7 @@ class RoundLoop:
             self._checkpoint()
             with open(self.run_dir / METRICS_FILE, "a") as fh:
                 fh.write(json.dumps(record.to_dict()) + "\n")
-            event = RoundEvent(server_round, self.arrays, record, self.run_dir)
+            event = RoundEvent(server_round, self.arrays, record, self.run_dir, grid)
             for hook in self.hooks:
                 try:
                     hook.on_round(event)
@@ -446,6 +454,7 @@ __all__ = [
     "RoundHook",
     "RoundLoop",
     "RoundRecord",
+    "SummaryHook",
     "Transport",
     "check_update",
     "sample_clients",

@@ -67,11 +67,16 @@ def plot_accuracy(history: list[RoundRecord], path: Path, title: str) -> None:
 
 
 def write_outputs(
-    run_dir: Path, cfg: RunConfig, history: list[RoundRecord], model: dict[str, np.ndarray], wall_s: float
+    run_dir: Path,
+    cfg: RunConfig,
+    history: list[RoundRecord],
+    model: dict[str, np.ndarray],
+    wall_s: float,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write summary, plot and final model; return the summary."""
+    """Write summary (plus ``extra`` keys from hooks), plot and final model; return the summary."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    summary = build_summary(cfg, history, wall_s)
+    summary = {**build_summary(cfg, history, wall_s), **(extra or {})}
     write_atomic(run_dir / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
     metadata = {"dataset": cfg.dataset, "model": cfg.model, "rounds_completed": str(len(history))}
     write_atomic(

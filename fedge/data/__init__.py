@@ -1,14 +1,18 @@
-"""fedge's datasets and their federated partitions, all offline.
+"""fedge's datasets and their federated partitions.
 
-``load_dataset`` reads one dataset (cached per process), ``partition_indices`` splits its
-training rows among clients with flwr-datasets' partitioners, and ``FederatedData`` /
-``federated_data`` give each client its train and test data lazily.
+``load_dataset`` reads one dataset (cached per process): a built-in one from local files,
+or ``hf:<hub id>``, any Hugging Face Hub dataset, through flwr-datasets (``fedge.data.hf``).
+``partition_indices`` splits its training rows among clients with flwr-datasets'
+partitioners, and ``FederatedData`` / ``federated_data`` give each client its train and
+test data lazily.
 """
 
 from fedge.data.federated import FederatedData, federated_data, local_split, take
+from fedge.data.hf import HfArrays, hf_default_model, hf_to_arrays, load_hf_dataset
 from fedge.data.loaders import (
     DATA_DIR_ENV,
     DATASETS,
+    HF_PREFIX,
     LOADERS,
     SPECS,
     ArrayLike,
@@ -17,6 +21,7 @@ from fedge.data.loaders import (
     LoadedDataset,
     TokenWindows,
     check_dataset_name,
+    is_hf_dataset,
     load_dataset,
     resolve_data_dir,
 )
@@ -31,6 +36,7 @@ from fedge.data.partition import (
 __all__ = [
     "DATASETS",
     "DATA_DIR_ENV",
+    "HF_PREFIX",
     "LOADERS",
     "PARTITION_KINDS",
     "SPECS",
@@ -38,12 +44,17 @@ __all__ = [
     "DataError",
     "DatasetSpec",
     "FederatedData",
+    "HfArrays",
     "LoadedDataset",
     "PartitionSpec",
     "TokenWindows",
     "check_dataset_name",
     "federated_data",
+    "hf_default_model",
+    "hf_to_arrays",
+    "is_hf_dataset",
     "load_dataset",
+    "load_hf_dataset",
     "local_split",
     "natural_partition_ids",
     "parse_partition",

@@ -83,12 +83,13 @@ class FederatedData:
 
     Lazy: the dataset is loaded and the partition map computed on first use, once per
     object (and the load is shared per process through :func:`load_dataset`'s cache).
-    Names, partition text and files are checked eagerly, which is cheap.
+    Names, partition text and files are checked eagerly, which is cheap. An ``hf:``
+    dataset's :attr:`spec` is known only after loading, so reading it loads the dataset.
 
     Parameters
     ----------
     dataset : str
-        One of ``DATASETS``.
+        One of ``DATASETS``, or ``hf:<hub id>`` for a Hugging Face Hub dataset.
     partition : str
         ``iid``, ``dirichlet:ALPHA``, ``pathological:K`` or ``natural``.
     num_partitions : int
@@ -125,9 +126,13 @@ class FederatedData:
         data_dir: str | None = None,
         local_test_fraction: float = 0.0,
     ) -> None:
-        self._spec = check_dataset_name(dataset)
+        self._name = dataset
+        # None for an hf: dataset until it is loaded (see the spec property).
+        self._spec: DatasetSpec | None = check_dataset_name(dataset)
         self._partition = parse_partition(partition)
-        if self._partition.kind == "natural" and self._spec.natural_split is None:
+        # Hub datasets carry no natural client ids, so natural is refused before loading.
+        natural_split = None if self._spec is None else self._spec.natural_split
+        if self._partition.kind == "natural" and natural_split is None:
             raise DataError(f"dataset {dataset!r} has no natural split; use {NON_NATURAL_FORMS}")
         if isinstance(num_partitions, bool) or not isinstance(num_partitions, int):
             raise DataError(f"num_partitions must be an int, got {num_partitions!r}")
@@ -150,7 +155,15 @@ class FederatedData:
 
     @property
     def spec(self) -> DatasetSpec:
-        """The dataset's description (no loading needed)."""
+        """The dataset's description: no loading for built-in datasets; ``hf:`` ones load first.
+
+        Raises
+        ------
+        DataError
+            If an ``hf:`` dataset cannot be loaded.
+        """
+        if self._spec is None:
+            self._spec = load_dataset(self._name, self._data_dir, self._seed).spec
         return self._spec
 
     @property
@@ -167,7 +180,8 @@ class FederatedData:
         with self._lock:
             if self._data is not None:
                 return self._data
-            data = load_dataset(self._spec.name, self._data_dir, self._seed)
+            data = load_dataset(self._name, self._data_dir, self._seed)
+            self._spec = data.spec
             parts = partition_indices(
                 data.y_train, self._partition, self._num_partitions, self._seed, data.train_ids
             )
@@ -257,7 +271,7 @@ class FederatedData:
         """
         # No partitioning needed: the server evaluates on the whole test split, and
         # skipping it spares the server flwr-datasets' import (seconds, with seaborn).
-        data = load_dataset(self._spec.name, self._data_dir, self._seed)
+        data = load_dataset(self._name, self._data_dir, self._seed)
         return data.x_test, data.y_test
 
     def partition_sizes(self) -> list[int]:
@@ -285,7 +299,7 @@ class FederatedData:
 
     def __repr__(self) -> str:
         return (
-            f"FederatedData({self._spec.name!r}, {str(self._partition)!r}, "
+            f"FederatedData({self._name!r}, {str(self._partition)!r}, "
             f"num_partitions={self._num_partitions}, seed={self._seed})"
         )
 

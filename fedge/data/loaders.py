@@ -4,6 +4,9 @@ Every loader reads the files laid out as ``../shared/datasets`` (see its README)
 *data root* and returns a :class:`LoadedDataset` of normalized arrays. Nothing is
 downloaded and nothing is written. Heavy imports (scikit-learn, Pillow) happen inside the
 loader that needs them, so ``import fedge.data`` stays cheap.
+
+``hf:<hub id>`` names any Hugging Face Hub dataset instead; :func:`load_dataset` hands it
+to :mod:`fedge.data.hf`, which downloads it into the Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ import numpy as np
 
 DATA_DIR_ENV = "FEDGE_DATA_DIR"
 """Environment variable naming the data root when no ``--data-dir`` is given."""
+
+HF_PREFIX = "hf:"
+"""Prefix of a Hugging Face Hub dataset name: ``hf:<hub id>``, e.g. ``hf:ylecun/mnist``."""
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -67,7 +73,7 @@ class DatasetSpec:
     Parameters
     ----------
     name : str
-        Dataset name, one of ``DATASETS``.
+        Dataset name, one of ``DATASETS`` or ``hf:<hub id>``.
     num_classes : int
         Number of labels; labels are ``0 .. num_classes - 1``.
     input_shape : tuple of int
@@ -247,30 +253,49 @@ REQUIRED_FILES: dict[str, tuple[str, ...]] = {
 """Files (relative to the data root) each dataset reads."""
 
 
-def _choices() -> str:
+def builtin_choices() -> str:
+    """The built-in dataset names, comma separated (for error messages)."""
     return ", ".join(SPECS)
 
 
-def check_dataset_name(name: str) -> DatasetSpec:
-    """Return the spec of ``name`` or raise a :class:`DataError` listing the choices.
+def is_hf_dataset(name: str) -> bool:
+    """Whether ``name`` names a Hugging Face Hub dataset (``hf:<hub id>``)."""
+    return name.startswith(HF_PREFIX)
+
+
+def check_dataset_name(name: str) -> DatasetSpec | None:
+    """Check a dataset name without reading any file or touching the network.
 
     Parameters
     ----------
     name : str
-        Dataset name.
+        One of ``DATASETS``, or ``hf:<hub id>`` for any Hugging Face Hub dataset.
 
     Returns
     -------
-    DatasetSpec
-        The dataset's description (no file is read).
+    DatasetSpec or None
+        The built-in dataset's description; None for an ``hf:`` dataset, whose shape
+        and classes are known only once it is loaded (``load_dataset(name).spec``).
 
     Raises
     ------
     DataError
-        If ``name`` is not one of ``DATASETS``.
+        If ``name`` is neither a built-in name nor ``hf:`` followed by an id without
+        whitespace.
     """
+    if is_hf_dataset(name):
+        hub_id = name[len(HF_PREFIX) :]
+        if not hub_id or any(char.isspace() for char in hub_id):
+            raise DataError(
+                f"bad Hugging Face dataset {name!r}: write hf: then the Hub id without spaces, "
+                "e.g. hf:ylecun/mnist"
+            )
+        return None
     if name not in SPECS:
-        raise DataError(f"unknown dataset {name!r}; choose one of: {_choices()}")
+        raise DataError(
+            f"unknown dataset {name!r}; choose one of: {builtin_choices()}, or hf:<hub id> "
+            "for a Hugging Face dataset (e.g. hf:ylecun/mnist)"
+        )
     return SPECS[name]
 
 
@@ -288,15 +313,16 @@ def resolve_data_dir(dataset: str, data_dir: str | None) -> Path | None:
     Returns
     -------
     Path or None
-        The absolute data root, or None for ``digits`` (bundled with scikit-learn).
+        The absolute data root, or None for ``digits`` (bundled with scikit-learn) and
+        ``hf:`` datasets (downloaded to the Hugging Face cache, ``$HF_HOME``; ``data_dir``
+        is ignored).
 
     Raises
     ------
     DataError
         Unknown dataset, no folder given, or a missing folder or file (named exactly).
     """
-    check_dataset_name(dataset)
-    if not REQUIRED_FILES[dataset]:
+    if check_dataset_name(dataset) is None or not REQUIRED_FILES[dataset]:
         return None
     text = data_dir or os.environ.get(DATA_DIR_ENV, "")
     if not text:
@@ -822,12 +848,15 @@ def load_dataset(name: str, data_dir: str | None = None, seed: int = 42) -> Load
     Parameters
     ----------
     name : str
-        One of ``DATASETS``.
+        One of ``DATASETS``, or ``hf:<hub id>`` for a Hugging Face Hub dataset (see
+        :func:`fedge.data.hf.load_hf_dataset`).
     data_dir : str or None, default None
         Data root (see :func:`resolve_data_dir`); None or empty: ``$FEDGE_DATA_DIR``.
+        Ignored for ``hf:`` datasets.
     seed : int, default 42
         Seed of the train/test split for datasets without an official one
-        (digits, har, heart); the others ignore it and are loaded once for all seeds.
+        (digits, har, heart, ``hf:`` datasets without a ``test`` split); the others
+        ignore it and are loaded once for all seeds.
 
     Returns
     -------
@@ -837,7 +866,12 @@ def load_dataset(name: str, data_dir: str | None = None, seed: int = 42) -> Load
     Raises
     ------
     DataError
-        Unknown name or missing files.
+        Unknown name, missing files, or an ``hf:`` dataset that cannot be loaded
+        (Hub unreachable, unknown id, unusable data).
     """
+    if check_dataset_name(name) is None:
+        from fedge.data.hf import load_hf_dataset
+
+        return load_hf_dataset(name[len(HF_PREFIX) :], seed)
     root = resolve_data_dir(name, data_dir)
     return _load_cached(name, root, seed if name in _SEEDED else 0)

@@ -1,0 +1,395 @@
+"""The device side: install signed versions, roll back, run and time the model.
+
+Layout under the install folder::
+
+    versions/round-0002/   versions/round-0003/    verified copies (model.onnx, manifest.json, .sig)
+    current                "round-0003\\n"           the version that runs
+    previous               "round-0002\\n"           the version rollback returns to
+
+An install verifies the source with the pinned public key before anything is copied,
+copies only the files the manifest lists into a hidden staging folder, verifies the
+copy again (the source may change under us), renames it into ``versions/`` and then
+moves the pointers, each atomically. Any failure leaves the installed version as it
+was, byte for byte. Loading re-verifies the signature and hashes the very bytes that
+are handed to ONNX Runtime, so a model altered on disk after install is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from fedge.deploy.artifacts import (
+    KEY_FILES,
+    KEY_VERSION,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    SIGNATURE_FILE,
+    ArtifactError,
+    check_files,
+    fsync_dir,
+    read_signed_manifest,
+    read_verified_file,
+    verify_artifact,
+    version_round,
+    write_bytes_atomic,
+)
+from fedge.deploy.registry import CURRENT_FILE, Registry, RegistryError
+
+VERSIONS_DIR = "versions"
+PREVIOUS_FILE = "previous"
+STAGING_PREFIX = ".staging-"
+
+# benchmark() keys.
+LATENCY_MS_P50 = "latency_ms_p50"
+LATENCY_MS_P95 = "latency_ms_p95"
+LATENCY_MS_P99 = "latency_ms_p99"
+LATENCY_MS_MEAN = "latency_ms_mean"
+MODEL_BYTES = "model_bytes"
+RUNS = "runs"
+VERSION = "version"
+
+_ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
+_ORT_TYPES = {
+    **_ORT_FLOAT_TYPES,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+}
+
+
+class DeviceRuntime:
+    """Installed model versions on one device, trusted through one pinned public key.
+
+    Parameters
+    ----------
+    install_dir : Path
+        Where versions and pointers live; created on the first install.
+    public_key : Ed25519PublicKey
+        The server's public key, pinned on the device; nothing signed by another key is
+        installed or loaded.
+    """
+
+    def __init__(self, install_dir: Path, public_key: Ed25519PublicKey) -> None:
+        self.install_dir = Path(install_dir)
+        self._public_key = public_key
+        # (version, session) of the last verified load; the session holds the verified
+        # bytes in memory, so later changes on disk cannot reach it.
+        self._cached: tuple[str, ort.InferenceSession] | None = None
+
+    # ------------------------------------------------------------------------ pointers
+
+    @property
+    def _versions_dir(self) -> Path:
+        return self.install_dir / VERSIONS_DIR
+
+    def _read_pointer(self, name: str) -> str | None:
+        try:
+            text = (self.install_dir / name).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        version = text.strip()
+        try:
+            version_round(version)
+        except ArtifactError:
+            raise ArtifactError(
+                f"{self.install_dir / name} holds {version!r}, not a version; install an artifact again"
+            ) from None
+        return version
+
+    def current_version(self) -> str | None:
+        """The installed version that runs, or None before the first install."""
+        return self._read_pointer(CURRENT_FILE)
+
+    def previous_version(self) -> str | None:
+        """The version :meth:`rollback` returns to, or None."""
+        return self._read_pointer(PREVIOUS_FILE)
+
+    # ------------------------------------------------------------------------ install
+
+    def install(self, source: Path) -> str:
+        """Verify and install a version, make it current and keep the old one for rollback.
+
+        Parameters
+        ----------
+        source : Path
+            An artifact folder, or a registry root (its ``current`` version is taken).
+
+        Returns
+        -------
+        str
+            The version now current.
+
+        Raises
+        ------
+        ArtifactError
+            If the source does not verify with the pinned key (missing manifest or
+            signature, bad signature, format from the future, missing, truncated or
+            altered file), lists no ``model.onnx``, or names an installed version with
+            other contents. The installed version is then unchanged.
+        """
+        source = self._resolve_source(Path(source))
+        # Nothing is copied or loaded before the source verifies.
+        manifest, manifest_bytes = read_signed_manifest(source, self._public_key)
+        check_files(source, manifest)
+        if MODEL_FILE not in manifest[KEY_FILES]:
+            raise ArtifactError(f"{source.name}/{MANIFEST_FILE} lists no {MODEL_FILE}; nothing to run")
+        version = str(manifest[KEY_VERSION])
+        target = self._versions_dir / version
+        old_current = self.current_version()
+        old_previous = _read_or_none(self.install_dir / PREVIOUS_FILE)
+
+        created = False
+        if target.exists():
+            self._check_same_install(target, manifest_bytes, source)
+        else:
+            self._versions_dir.mkdir(parents=True, exist_ok=True)
+            staging = self.install_dir / f"{STAGING_PREFIX}{secrets.token_hex(4)}"
+            try:
+                staging.mkdir()
+                # Only the listed files travel: nothing unlisted is ever trusted.
+                for name in [*manifest[KEY_FILES], MANIFEST_FILE, SIGNATURE_FILE]:
+                    _copy_durably(source / name, staging / name)
+                fsync_dir(staging)
+                # The source may change while it is copied: the copy is what gets trusted.
+                copied, copied_bytes = read_signed_manifest(staging, self._public_key)
+                if copied_bytes != manifest_bytes:
+                    raise ArtifactError(
+                        f"{source} changed while it was copied; install it again once it is complete"
+                    )
+                check_files(staging, copied)
+                os.rename(staging, target)
+                created = True
+                fsync_dir(self._versions_dir)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+        try:
+            if old_current != version:
+                # previous before current: a crash in between leaves current as it was.
+                if old_current is not None:
+                    write_bytes_atomic(self.install_dir / PREVIOUS_FILE, f"{old_current}\n".encode())
+                write_bytes_atomic(self.install_dir / CURRENT_FILE, f"{version}\n".encode())
+        except BaseException:
+            # current did not move (its write is the last step): put the rest back as it was.
+            if old_previous is None:
+                (self.install_dir / PREVIOUS_FILE).unlink(missing_ok=True)
+            elif _read_or_none(self.install_dir / PREVIOUS_FILE) != old_previous:
+                (self.install_dir / PREVIOUS_FILE).write_bytes(old_previous)
+            if created:
+                shutil.rmtree(target, ignore_errors=True)
+            raise
+        self._cached = None
+        self._prune()
+        return version
+
+    def _resolve_source(self, source: Path) -> Path:
+        if (source / MANIFEST_FILE).exists() or (source / SIGNATURE_FILE).exists():
+            return source
+        if (source / CURRENT_FILE).is_file():
+            registry = Registry(source)
+            try:
+                version = registry.current()
+                if version is None:
+                    raise RegistryError(f"registry {source} has no current version")
+                return registry.path(version)
+            except RegistryError as err:
+                raise ArtifactError(f"cannot install from registry {source}: {err}") from None
+        raise ArtifactError(
+            f"{source} is neither an artifact folder ({MANIFEST_FILE}) nor a registry ({CURRENT_FILE}); "
+            "pass a published round-NNNN folder or the registry root"
+        )
+
+    def _check_same_install(self, target: Path, manifest_bytes: bytes, source: Path) -> None:
+        """An already installed version is reused only if it is intact and identical."""
+        try:
+            _, installed_bytes = read_signed_manifest(target, self._public_key)
+            verify_artifact(target, self._public_key)
+        except ArtifactError as err:
+            raise ArtifactError(
+                f"installed copy {target} is damaged ({err}); roll back or install another version, "
+                f"then remove {target} and install again"
+            ) from None
+        if installed_bytes != manifest_bytes:
+            raise ArtifactError(
+                f"{target.name} is installed with another manifest than {source}; versions are "
+                "immutable: publish a new round"
+            )
+
+    def _prune(self) -> None:
+        """Remove versions neither current nor previous, and staging left by a crash."""
+        keep = {self.current_version(), self.previous_version()}
+        if self._versions_dir.is_dir():
+            for child in self._versions_dir.iterdir():
+                if child.name not in keep:
+                    shutil.rmtree(child, ignore_errors=True)
+        for child in self.install_dir.glob(f"{STAGING_PREFIX}*"):
+            shutil.rmtree(child, ignore_errors=True)
+
+    # ------------------------------------------------------------------------ rollback
+
+    def rollback(self) -> str:
+        """Make the previous version current again; the version rolled back from is removed.
+
+        Returns
+        -------
+        str
+            The version now current.
+
+        Raises
+        ------
+        ArtifactError
+            If there is no previous version, or its installed copy no longer verifies.
+        """
+        previous = self.previous_version()
+        current = self.current_version()
+        if previous is None or previous == current:
+            raise ArtifactError(
+                f"no previous version in {self.install_dir} to roll back to; install a known good artifact"
+            )
+        verify_artifact(self._versions_dir / previous, self._public_key)
+        write_bytes_atomic(self.install_dir / CURRENT_FILE, f"{previous}\n".encode())
+        # One step back only: rolling back again must not return to the bad version.
+        (self.install_dir / PREVIOUS_FILE).unlink(missing_ok=True)
+        fsync_dir(self.install_dir)
+        self._cached = None
+        self._prune()
+        return previous
+
+    # ------------------------------------------------------------------------ running
+
+    def _current_dir(self) -> tuple[str, Path]:
+        version = self.current_version()
+        if version is None:
+            raise ArtifactError(f"nothing is installed in {self.install_dir}; install an artifact first")
+        return version, self._versions_dir / version
+
+    def model_bytes(self) -> bytes:
+        """The current ``model.onnx``, after verifying the signature and the hash of these bytes.
+
+        Raises
+        ------
+        ArtifactError
+            If nothing is installed, or the installed copy was altered.
+        """
+        _, folder = self._current_dir()
+        manifest, _ = read_signed_manifest(folder, self._public_key)
+        return read_verified_file(folder, manifest, MODEL_FILE)
+
+    def session(self, *, intra_op_threads: int = 0) -> ort.InferenceSession:
+        """A new ONNX Runtime session of the current version, loaded from verified bytes.
+
+        Parameters
+        ----------
+        intra_op_threads : int
+            Threads per operator; 0 (default) lets ONNX Runtime choose.
+
+        Raises
+        ------
+        ArtifactError
+            If nothing is installed, or the installed files were altered since install.
+        """
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        return ort.InferenceSession(self.model_bytes(), options, providers=["CPUExecutionProvider"])
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Class ids (argmax over the last axis of the first output) for a batch ``x``.
+
+        The session is verified and loaded once per version and then reused.
+        """
+        version, _ = self._current_dir()
+        if self._cached is None or self._cached[0] != version:
+            self._cached = (version, self.session())
+        sess = self._cached[1]
+        inp = sess.get_inputs()[0]
+        dtype = _ORT_FLOAT_TYPES.get(inp.type)
+        feed = np.ascontiguousarray(x, dtype=dtype) if dtype is not None else np.ascontiguousarray(x)
+        logits = sess.run(None, {inp.name: feed})[0]
+        return np.asarray(logits).argmax(axis=-1)
+
+    def benchmark(self, runs: int = 200, *, warmup_runs: int = 20) -> dict[str, Any]:
+        """Latency of the current version: 1 thread, batch 1, after warm-up.
+
+        The input is zeros of the model's input shape (symbolic dimensions set to 1);
+        dense models' latency does not depend on the values.
+
+        Parameters
+        ----------
+        runs : int
+            Timed runs (default 200).
+        warmup_runs : int
+            Untimed runs first (default 20).
+
+        Returns
+        -------
+        dict
+            ``latency_ms_p50``, ``latency_ms_p95``, ``latency_ms_p99``,
+            ``latency_ms_mean`` (ms), ``model_bytes`` (size of model.onnx), ``runs``,
+            ``version``.
+        """
+        if runs < 1 or warmup_runs < 0:
+            raise ValueError(f"runs must be >= 1 and warmup_runs >= 0, got {runs} and {warmup_runs}")
+        version, _ = self._current_dir()
+        model = self.model_bytes()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        sess = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        feed = {
+            inp.name: np.zeros(
+                [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape],
+                dtype=_ORT_TYPES.get(inp.type, np.float32),
+            )
+            for inp in sess.get_inputs()
+        }
+        for _ in range(warmup_runs):
+            sess.run(None, feed)
+        times_ms = np.empty(runs)
+        for i in range(runs):
+            start = time.perf_counter_ns()
+            sess.run(None, feed)
+            times_ms[i] = (time.perf_counter_ns() - start) / 1e6
+        p50, p95, p99 = np.percentile(times_ms, [50, 95, 99])
+        return {
+            LATENCY_MS_P50: float(p50),
+            LATENCY_MS_P95: float(p95),
+            LATENCY_MS_P99: float(p99),
+            LATENCY_MS_MEAN: float(times_ms.mean()),
+            MODEL_BYTES: len(model),
+            RUNS: runs,
+            VERSION: version,
+        }
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _copy_durably(src: Path, dst: Path) -> None:
+    """Copy a regular file (never through a symlink) and fsync the copy."""
+    try:
+        fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise ArtifactError(
+            f"{src.parent.name}/{src.name} vanished while it was copied; install again"
+        ) from None
+    with os.fdopen(fd, "rb") as fin, open(dst, "xb") as fout:
+        shutil.copyfileobj(fin, fout)
+        fout.flush()
+        os.fsync(fout.fileno())

@@ -1,0 +1,101 @@
+"""`fedge keys`, `fedge deploy`, `fedge infer`: the commands a release engineer and a device run."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from fedge.cli import main
+from fedge.config import RunConfig
+from fedge.simulation.runner import simulate
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A run that published rounds 1 and 2, signed with a key made by `fedge keys new`."""
+    tmp = tmp_path_factory.mktemp("deploy")
+    assert main(["keys", "new", "--out", str(tmp / "keys")]) == 0
+    cfg = RunConfig.from_mapping(
+        {
+            "num-clients": 4,
+            "clients-per-round": 4,
+            "num-rounds": 2,
+            "local-epochs": 2,
+            "workers": 1,
+            "export-every": 1,
+            "signing-key": str(tmp / "keys" / "signing.key"),
+        }
+    )
+    simulate(cfg, tmp / "run")
+    return tmp / "run" / "artifacts", tmp / "keys" / "signing.pub"
+
+
+def test_keys_new_writes_a_private_key_only_its_owner_reads(tmp_path: Path) -> None:
+    assert main(["keys", "new", "--out", str(tmp_path)]) == 0
+    assert stat.S_IMODE((tmp_path / "signing.key").stat().st_mode) == 0o600
+    assert (tmp_path / "signing.pub").read_text().startswith("-----BEGIN PUBLIC KEY-----")
+    assert main(["keys", "new", "--out", str(tmp_path)]) == 2  # never overwrites a key
+
+
+def test_list_verify_and_rollback(registry: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    root, pub = registry
+    assert main(["deploy", "list", "--registry", str(root)]) == 0
+    assert capsys.readouterr().out.splitlines() == ["  round-0001", "* round-0002"]
+    assert main(["deploy", "verify", str(root / "round-0002"), "--public-key", str(pub)]) == 0
+    assert main(["deploy", "rollback", "--registry", str(root)]) == 0
+    assert (root / "current").read_text().strip() == "round-0001"
+    assert main(["deploy", "rollback", "round-0002", "--registry", str(root)]) == 0
+    assert main(["deploy", "rollback", "round-0009", "--registry", str(root)]) == 2
+    assert "round-0009" in capsys.readouterr().err
+
+
+def test_infer_prints_the_models_predictions(
+    registry: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, pub = registry
+    x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    capsys.readouterr()
+    assert (
+        main(["infer", "--model", str(root), "--public-key", str(pub), "--input", str(tmp_path / "x.npy")])
+        == 0
+    )
+    printed = [int(c) for c in capsys.readouterr().out.split()]
+    session = ort.InferenceSession(
+        str(root / "round-0002" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    expected = session.run(None, {session.get_inputs()[0].name: x})[0].argmax(axis=1)
+    assert printed == expected.tolist()
+
+
+def test_infer_benchmark_and_refusals(
+    registry: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, pub = registry
+    capsys.readouterr()
+    assert main(["infer", "--model", str(root / "round-0001"), "--public-key", str(pub), "--benchmark"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0 < report["latency_ms_p50"] <= report["latency_ms_p95"] <= report["latency_ms_p99"]
+    # Another key: refused with one line, exit 2.
+    assert main(["keys", "new", "--out", str(tmp_path / "other")]) == 0
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "infer",
+                "--model",
+                str(root),
+                "--public-key",
+                str(tmp_path / "other" / "signing.pub"),
+                "--benchmark",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("fedge: error:") and err.count("\n") == 1
