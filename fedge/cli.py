@@ -105,7 +105,8 @@ def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
     handler = RichHandler(show_time=False, show_path=False, markup=False)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler], force=True)
+    # Root at WARNING: libraries (ONNX Runtime's quantizer, ...) log chatty INFO there.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
     if not verbose:
         # Flower logs every configure/aggregate call; fedge's table already shows the round.
         for name in ("flwr", "ray"):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 
 from fedge.config import RunConfig
 from fedge.deploy.artifacts import ArtifactError, load_public_key, verify_artifact
@@ -101,3 +102,32 @@ def test_resumed_run_keeps_earlier_artifacts(tmp_path: Path) -> None:
     assert [e["round"] for e in summary["artifacts"]] == [1, 2, 3]
     lines = (tmp_path / "run" / "artifacts.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2, 3]
+
+
+class _FFTHead(torch.nn.Module):
+    """Wraps a zoo model with an operator the ONNX exporter cannot handle at opset 17."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fft.fft(self.inner(x)).real
+
+    def load_state_dict(self, state, strict=True, assign=False):  # type: ignore[no-untyped-def,override]
+        return self.inner.load_state_dict(state, strict=strict, assign=assign)
+
+
+def test_unexportable_operator_is_reported_and_nothing_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedge.server.export_hook as hook_module
+
+    real = hook_module.build_model
+    monkeypatch.setattr(hook_module, "build_model", lambda *a, **k: _FFTHead(real(*a, **k)))
+    summary = simulate(RunConfig.from_mapping(SMALL), tmp_path / "run")
+    (entry,) = summary["artifacts"]
+    assert not entry["published"]
+    assert "fft" in entry["reason"]  # the operator is named
+    assert summary["rounds_completed"] == 2  # the round still completed
+    assert Registry(tmp_path / "run" / "artifacts").versions() == []
