@@ -72,11 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = sub.add_parser("deploy", help="the registry of published int8 models")
     deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True, parser_class=_Parser)
     listing = deploy_sub.add_parser("list", help="published versions; * marks current")
-    listing.add_argument("--registry", required=True, metavar="DIR", help="e.g. runs/NAME/artifacts")
+    listing.add_argument("--registry", metavar="DIR", help="default: the newest runs/*/artifacts")
     listing.set_defaults(func=_cmd_deploy_list)
     rollback = deploy_sub.add_parser("rollback", help="move current back (to VERSION, or the previous one)")
     rollback.add_argument("version", nargs="?", help="e.g. round-0003 (default: the one before current)")
-    rollback.add_argument("--registry", required=True, metavar="DIR")
+    rollback.add_argument("--registry", metavar="DIR", help="default: the newest runs/*/artifacts")
     rollback.set_defaults(func=_cmd_deploy_rollback)
     verify = deploy_sub.add_parser("verify", help="check a version's signature and file hashes")
     verify.add_argument(
@@ -167,10 +167,22 @@ def _cmd_keys_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry_dir(arg: str | None) -> Path:
+    """``--registry``, or the registry of the newest run folder under ``out-dir``."""
+    if arg:
+        return Path(arg)
+    out_dir = Path(RunConfig().out_dir)
+    found = sorted(out_dir.glob("*/artifacts/current"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ConfigError(f"no published model under {out_dir}/*/artifacts; pass --registry DIR")
+    print(f"fedge: registry {found[-1].parent}", file=sys.stderr)
+    return found[-1].parent
+
+
 def _cmd_deploy_list(args: argparse.Namespace) -> int:
     from fedge.deploy.registry import Registry
 
-    registry = Registry(Path(args.registry))
+    registry = Registry(_registry_dir(args.registry))
     current = registry.current()
     for version in registry.versions():
         print(f"{'*' if version == current else ' '} {version}")
@@ -180,7 +192,7 @@ def _cmd_deploy_list(args: argparse.Namespace) -> int:
 def _cmd_deploy_rollback(args: argparse.Namespace) -> int:
     from fedge.deploy.registry import Registry
 
-    print(f"fedge: current is now {Registry(Path(args.registry)).rollback(args.version)}")
+    print(f"fedge: current is now {Registry(_registry_dir(args.registry)).rollback(args.version)}")
     return 0
 
 

@@ -250,7 +250,18 @@ class ExportHook:
         """Run the pipeline for one round; return its ``artifacts`` entry."""
         cfg = self.cfg
         start = time.perf_counter()
-        entry: dict[str, Any] = {"round": event.server_round, "published": False}
+        # Every key the summary documents is present; None where this attempt has no value.
+        entry: dict[str, Any] = {
+            "round": event.server_round,
+            "path": None,
+            "int8_bytes": None,
+            "fp32_bytes": None,
+            "accuracy_fp32": None,
+            "accuracy_int8": None,
+            "latency_ms_p50_fp32": None,
+            "latency_ms_p50_int8": None,
+            "published": False,
+        }
         x_eval, y_eval, calibration = self._eval_data()
         with tempfile.TemporaryDirectory(prefix="fedge-export-") as tmp_name:
             tmp = Path(tmp_name)

@@ -99,3 +99,19 @@ def test_infer_benchmark_and_refusals(
     )
     err = capsys.readouterr().err
     assert err.startswith("fedge: error:") and err.count("\n") == 1
+
+
+def test_registry_defaults_to_the_newest_run(
+    registry: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    root, _ = registry
+    monkeypatch.chdir(tmp_path)
+    assert main(["deploy", "list"]) == 2  # no runs/ here yet
+    assert "pass --registry DIR" in capsys.readouterr().err
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "r1").symlink_to(root.parent, target_is_directory=True)
+    assert main(["deploy", "list"]) == 0
+    assert "round-0002" in capsys.readouterr().out
