@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedge.config import RunConfig
-from fedge.data import FederatedData, federated_data
+from fedge.data import FederatedData
 from fedge.models import build_model
 from fedge.records import (
     ACCURACY_FP32,
@@ -60,14 +60,7 @@ def config_from_context(context: Context) -> RunConfig:
 
 def client_data(cfg: RunConfig) -> FederatedData:
     """The (lazily loaded, per-process cached) federated dataset of a run."""
-    return federated_data(
-        cfg.dataset,
-        cfg.partition,
-        cfg.num_clients,
-        cfg.seed,
-        data_dir=cfg.data_dir or None,
-        local_test_fraction=cfg.local_test_fraction,
-    )
+    return cfg.federated_data()
 
 
 @functools.lru_cache(maxsize=4)

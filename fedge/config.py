@@ -17,7 +17,12 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedge.data import DatasetSpec, FederatedData
 
 ENGINES: tuple[str, ...] = ("inprocess", "ray")
 # The schema's allowed strategy names; `fedge.strategies.STRATEGIES` maps each to a
@@ -281,6 +286,31 @@ class RunConfig:
     def resolved_model(self, default_model: str) -> str:
         """The model name, with ``auto`` replaced by the dataset's default model."""
         return default_model if self.model == "auto" else self.model
+
+    def federated_data(self) -> FederatedData:
+        """This run's dataset and partition (loaded lazily, cached per process)."""
+        from fedge.data import federated_data
+
+        return federated_data(
+            self.dataset,
+            self.partition,
+            self.num_clients,
+            self.seed,
+            data_dir=self.data_dir or None,
+            local_test_fraction=self.local_test_fraction,
+        )
+
+    def build_model(self, spec: DatasetSpec) -> torch.nn.Module:
+        """This run's initial global model for a dataset described by ``spec`` (seeded by ``seed``)."""
+        from fedge.models import build_model
+
+        return build_model(
+            self.resolved_model(spec.default_model),
+            input_shape=spec.input_shape,
+            num_classes=spec.num_classes,
+            seed=self.seed,
+            vocab_size=spec.vocab_size,
+        )
 
     def exports_after(self, server_round: int) -> bool:
         """Whether the server exports the global model after ``server_round``."""

@@ -12,8 +12,6 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedge.config import RunConfig
-from fedge.data import federated_data
-from fedge.models import build_model
 from fedge.records import arrays_to_numpy, load_arrays, model_to_arrays
 from fedge.server.loop import EvaluateFn, RoundHook, RoundLoop
 from fedge.server.run_folder import default_run_dir, write_outputs
@@ -25,22 +23,8 @@ log = logging.getLogger("fedge.server")
 
 def central_evaluation(cfg: RunConfig) -> tuple[ArrayRecord, EvaluateFn]:
     """The initial global model and the server-side evaluation on the dataset's test split."""
-    data = federated_data(
-        cfg.dataset,
-        cfg.partition,
-        cfg.num_clients,
-        cfg.seed,
-        data_dir=cfg.data_dir or None,
-        local_test_fraction=cfg.local_test_fraction,
-    )
-    spec = data.spec
-    model = build_model(
-        cfg.resolved_model(spec.default_model),
-        input_shape=spec.input_shape,
-        num_classes=spec.num_classes,
-        seed=cfg.seed,
-        vocab_size=spec.vocab_size,
-    )
+    data = cfg.federated_data()
+    model = cfg.build_model(data.spec)
     initial = model_to_arrays(model)
     x_test, y_test = data.central_test()
 

@@ -45,7 +45,6 @@ from fedge.deploy.export import (
     quantize_int8,
 )
 from fedge.deploy.registry import Registry
-from fedge.models import build_model
 from fedge.records import (
     ACCURACY_FP32,
     ACCURACY_INT8,
@@ -267,13 +266,7 @@ class ExportHook:
             tmp = Path(tmp_name)
             try:
                 spec = load_dataset(cfg.dataset, cfg.data_dir or None, cfg.seed).spec
-                model = build_model(
-                    cfg.resolved_model(spec.default_model),
-                    input_shape=spec.input_shape,
-                    num_classes=spec.num_classes,
-                    seed=cfg.seed,
-                    vocab_size=spec.vocab_size,
-                )
+                model = cfg.build_model(spec)
                 load_arrays(model, event.arrays)
                 fp32 = export_onnx(model, spec.input_shape, spec.input_dtype, tmp / "model-fp32.onnx")
                 int8 = tmp / "model.onnx"
