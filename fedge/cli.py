@@ -228,7 +228,15 @@ def _cmd_infer(args: argparse.Namespace) -> int:
                 raise ConfigError(
                     f"cannot read --input {args.input}: {err}; save it with numpy.save"
                 ) from None
-            print(" ".join(str(int(c)) for c in runtime.predict(x)))
+            try:
+                predictions = runtime.predict(x)
+            except Exception as err:  # onnxruntime's errors are long; the cause is the input
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ConfigError(
+                    f"the model cannot run on {args.input} (shape {tuple(x.shape)}, {x.dtype}): {first}; "
+                    "inputs are shaped (N, *input_shape)"
+                ) from None
+            print(" ".join(str(int(c)) for c in predictions))
         if args.benchmark:
             print(json.dumps(runtime.benchmark(), indent=2))
     return 0
@@ -260,6 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except (ConfigError, DataError, ModelError, CheckpointError, ArtifactError, RegistryError) as err:
         print(f"fedge: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:  # a path that is a folder, unwritable, missing, ...
+        print(f"fedge: error: {err.strerror or err}: {err.filename or ''}; check the path", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(

@@ -184,6 +184,12 @@ class RunConfig:
             self.engine in ENGINES,
             f"unknown engine {self.engine!r}; choose one of: {', '.join(ENGINES)}",
         )
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float):
+                _check(math.isfinite(value), f"{_key(f.name)} must be a finite number, got {value}")
+        # numpy's and scikit-learn's seeds are 32-bit.
+        _check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         for name in ("num_clients", "clients_per_round", "num_rounds", "local_epochs", "batch_size"):
             value = getattr(self, name)
             _check(value > 0, f"{_key(name)} must be a positive whole number, got {value}")

@@ -20,17 +20,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.run import Run
 
 from fedge.config import RunConfig
 from fedge.records import (
+    ARRAYS_KEY,
     BATCH_SIZE,
     EVAL_ACCURACY,
     LOCAL_EPOCHS,
     LR,
+    METRICS_KEY,
     MOMENTUM,
     NUM_EXAMPLES,
     SEED,
@@ -176,45 +178,85 @@ def sample_clients(node_ids: Iterable[int], num: int, seed: int, server_round: i
     return sorted(pool[int(i)] for i in rng.choice(len(pool), size=num, replace=False))
 
 
-def check_update(reply: Message, reference: dict[str, tuple[tuple[int, ...], np.dtype[Any]]]) -> str | None:
-    """Why a training reply cannot be aggregated, or ``None`` when it can.
+def check_update(
+    reply: Message, reference: dict[str, tuple[tuple[int, ...], np.dtype[Any]]]
+) -> tuple[Message | None, str | None]:
+    """Check a training reply; return a clean copy to aggregate, or why it cannot be.
 
     A reply is rejected for: an error instead of content, no or several ArrayRecords,
-    arrays whose names, shapes or dtypes differ from the global model's, NaN or Inf
-    values, or a missing / non-positive ``num-examples``.
+    arrays that do not decode, or whose names, decoded shapes or dtypes differ from the
+    global model's, NaN or Inf values, or a missing, non-finite or non-positive
+    ``num-examples``. Anything that raises while being read is a rejection too, never a
+    crash of the round.
+
+    Returns
+    -------
+    tuple
+        ``(clean, None)`` where ``clean`` carries only the decoded arrays and
+        ``num-examples`` (so strategies see uniform replies whatever else a client sent),
+        or ``(None, reason)``.
     """
     if reply.has_error():
-        return f"client error: {reply.error.reason}"
-    content = reply.content
-    if len(content.array_records) != 1:
-        return f"expected one ArrayRecord, got {len(content.array_records)}"
-    arrays = next(iter(content.array_records.values()))
-    if set(arrays.keys()) != set(reference):
-        missing = sorted(set(reference) - set(arrays.keys()))
-        extra = sorted(set(arrays.keys()) - set(reference))
-        return f"array names differ from the model's (missing {missing}, unexpected {extra})"
-    for name, array in arrays.items():
-        shape, dtype = reference[name]
-        if tuple(array.shape) != shape or np.dtype(array.dtype) != dtype:
-            return f"array {name!r} is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
-        values = array.numpy()
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
-            return f"array {name!r} holds NaN or Inf"
-    if len(content.metric_records) != 1:
-        return f"expected one MetricRecord, got {len(content.metric_records)}"
-    metrics = next(iter(content.metric_records.values()))
-    num_examples = metrics.get(NUM_EXAMPLES)
-    if not isinstance(num_examples, int | float) or not num_examples > 0:
-        return f"{NUM_EXAMPLES} must be a positive number, got {num_examples!r}"
-    return None
+        return None, f"client error: {reply.error.reason}"
+    try:
+        content = reply.content
+        if len(content.array_records) != 1:
+            return None, f"expected one ArrayRecord, got {len(content.array_records)}"
+        arrays = next(iter(content.array_records.values()))
+        if set(arrays.keys()) != set(reference):
+            missing = sorted(set(reference) - set(arrays.keys()))
+            extra = sorted(set(arrays.keys()) - set(reference))
+            return None, f"array names differ from the model's (missing {missing}, unexpected {extra})"
+        decoded: dict[str, np.ndarray] = {}
+        for name, array in arrays.items():
+            shape, dtype = reference[name]
+            # The declared shape/dtype and the bytes can disagree: check what decodes.
+            values = array.numpy()
+            if values.shape != shape or values.dtype != dtype:
+                return (
+                    None,
+                    f"array {name!r} is {values.dtype}{list(values.shape)}, expected {dtype}{list(shape)}",
+                )
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                return None, f"array {name!r} holds NaN or Inf"
+            decoded[name] = values
+        if len(content.metric_records) != 1:
+            return None, f"expected one MetricRecord, got {len(content.metric_records)}"
+        metrics = next(iter(content.metric_records.values()))
+        num_examples = metrics.get(NUM_EXAMPLES)
+        if (
+            isinstance(num_examples, bool)
+            or not isinstance(num_examples, int | float)
+            or not math.isfinite(num_examples)
+            or not num_examples > 0
+        ):
+            return None, f"{NUM_EXAMPLES} must be a positive finite number, got {num_examples!r}"
+    except Exception as err:  # undecodable bytes, a bogus dtype, ...: drop, never crash
+        return None, f"unreadable update ({type(err).__name__}: {err})"
+    clean = RecordDict(
+        {ARRAYS_KEY: numpy_to_arrays(decoded), METRICS_KEY: MetricRecord({NUM_EXAMPLES: num_examples})}
+    )
+    # Same metadata (sender, reply-to) as the received reply; Flower's typed overloads
+    # do not list `metadata=`, which its constructor accepts for exactly this.
+    return Message(clean, metadata=reply.metadata), None  # type: ignore[call-overload]
 
 
 def _weighted_metric(replies: Sequence[Message], key: str) -> float | None:
+    """Example-weighted mean of a scalar metric; replies without a usable value are skipped."""
     pairs = []
     for reply in replies:
+        if reply.has_error() or len(reply.content.metric_records) != 1:
+            continue
         metrics = next(iter(reply.content.metric_records.values()))
-        if key in metrics:
-            pairs.append((float(metrics[NUM_EXAMPLES]), float(metrics[key])))  # type: ignore[arg-type]
+        weight, value = metrics.get(NUM_EXAMPLES), metrics.get(key)
+        if (
+            isinstance(weight, int | float)
+            and isinstance(value, int | float)
+            and math.isfinite(weight)
+            and math.isfinite(value)
+            and weight > 0
+        ):
+            pairs.append((float(weight), float(value)))
     total = sum(w for w, _ in pairs)
     return sum(w * v for w, v in pairs) / total if total > 0 else None
 
@@ -360,10 +402,12 @@ class RoundLoop:
 
         reference = {k: (tuple(a.shape), np.dtype(a.dtype)) for k, a in self.arrays.items()}
         valid: list[Message] = []
+        accepted: list[Message] = []
         for reply in replies:
-            reason = check_update(reply, reference)
-            if reason is None:
-                valid.append(reply)
+            clean, reason = check_update(reply, reference)
+            if clean is not None:
+                valid.append(clean)
+                accepted.append(reply)
             else:
                 log.warning(
                     "round %d: dropped update of node %d: %s",
@@ -382,7 +426,11 @@ class RoundLoop:
         needed = cfg.min_replies(len(messages))
         aggregated = False
         if len(valid) >= needed:
-            new_arrays, _ = self.strategy.aggregate_train(server_round, valid)
+            try:
+                new_arrays, _ = self.strategy.aggregate_train(server_round, valid)
+            except Exception:  # a strategy refusing the replies must not end the run
+                log.exception("round %d: %s could not aggregate", server_round, type(self.strategy).__name__)
+                new_arrays = None
             if new_arrays is not None:
                 self.arrays = new_arrays
                 aggregated = True
@@ -411,7 +459,7 @@ class RoundLoop:
             sampled=len(messages),
             dropped=len(messages) - len(valid),
             aggregated=aggregated,
-            train_loss=_weighted_metric(valid, TRAIN_LOSS) if valid else None,
+            train_loss=_weighted_metric(accepted, TRAIN_LOSS),
             federated_accuracy=federated_accuracy,
         )
 
@@ -423,16 +471,8 @@ class RoundLoop:
                 server_round, self.arrays, ConfigRecord(), _SampledGrid(grid, sampled)
             )
         )
-        replies = [
-            r for r in self.transport.exchange(grid, messages, self.cfg.round_timeout_s) if not r.has_error()
-        ]
-        good = [
-            r
-            for r in replies
-            if len(r.content.metric_records) == 1
-            and isinstance(next(iter(r.content.metric_records.values())).get(NUM_EXAMPLES), int | float)
-        ]
-        return _weighted_metric(good, EVAL_ACCURACY) if good else None
+        replies = self.transport.exchange(grid, messages, self.cfg.round_timeout_s)
+        return _weighted_metric(replies, EVAL_ACCURACY)
 
     def _checkpoint(self) -> None:
         save_checkpoint(

@@ -115,3 +115,23 @@ def test_registry_defaults_to_the_newest_run(
     (tmp_path / "runs" / "r1").symlink_to(root.parent, target_is_directory=True)
     assert main(["deploy", "list"]) == 0
     assert "round-0002" in capsys.readouterr().out
+
+
+def test_infer_wrong_input_shape_and_bad_paths_are_one_line(
+    registry: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, pub = registry
+    np.save(tmp_path / "bad.npy", np.zeros((8, 8), np.float32))
+    capsys.readouterr()
+    assert (
+        main(["infer", "--model", str(root), "--public-key", str(pub), "--input", str(tmp_path / "bad.npy")])
+        == 2
+    )
+    # The install notice comes first; the error itself is one line.
+    installed, error = capsys.readouterr().err.splitlines()
+    assert installed.startswith("fedge: installed round-0002")
+    assert error.startswith("fedge: error: the model cannot run on") and "(8, 8)" in error
+    (tmp_path / "file").write_text("x")
+    assert main(["keys", "new", "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedge: error:") and err.count("\n") == 1

@@ -91,6 +91,10 @@ def test_toml_file_and_pyproject_table(tmp_path: Path) -> None:
         ({"export-every": 0}, "export-every must be off, final or a positive whole number"),
         ({"export-federated-eval": "maybe"}, "export-federated-eval must be true or false, got 'maybe'"),
         ({"export-max-accuracy-drop": 2}, "export-max-accuracy-drop must be in [0, 1]"),
+        ({"round-timeout-s": "inf"}, "round-timeout-s must be a finite number, got inf"),
+        ({"lr": "nan"}, "lr must be a finite number, got nan"),
+        ({"seed": -1}, "seed must be in [0, 2**32), got -1"),
+        ({"seed": 2**32}, "seed must be in [0, 2**32)"),
     ],
 )
 def test_bad_values_are_one_line_errors(values: dict[str, object], fragment: str) -> None:

@@ -50,20 +50,25 @@ def test_worker_pool_gives_the_same_mean_and_keeps_client_state(tmp_path: Path) 
     assert calls == [2, 2, 2]  # every client ran twice, in whichever worker
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_bad_updates_are_dropped_and_the_round_completes(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, workers: int
 ) -> None:
-    loop = _loop(tmp_path, **{"num-clients": 6, "clients-per-round": 6, "min-reply-fraction": 0.3})
-    with InProcessGrid("fakeapps:faulty_app", 6, {}, workers=1) as grid:
+    loop = _loop(tmp_path, **{"num-clients": 10, "clients-per-round": 10, "min-reply-fraction": 0.3})
+    with InProcessGrid("fakeapps:faulty_app", 10, {}, workers=workers) as grid:
         (record,) = loop.run(grid)
-    # Only partitions 0 and 1 are valid: values 1 and 2 weighted by 3 and 2 examples.
-    np.testing.assert_allclose(loop.arrays["w"].numpy(), np.full(4, (1 * 3 + 2 * 2) / 5), rtol=1e-6)
-    assert (record.clients, record.dropped, record.sampled) == (2, 4, 6)
+    # Only partitions 0, 1 and 9 are valid: values 1, 2, 10 weighted by 3, 2, 10 examples.
+    expected = (1 * 3 + 2 * 2 + 10 * 10) / 15
+    np.testing.assert_allclose(loop.arrays["w"].numpy(), np.full(4, expected), rtol=1e-6)
+    assert (record.clients, record.dropped, record.sampled) == (3, 7, 10)
+    assert record.train_loss == pytest.approx(0.5)
     text = caplog.text
     assert "simulated training crash" in text
     assert "NaN or Inf" in text
-    assert "expected float32[4]" in text
-    assert "num-examples must be a positive number" in text
+    assert text.count("expected float32[4]") >= 2  # a wrong shape, and a declared shape that lies
+    assert "num-examples must be a positive finite number, got 0" in text
+    assert "num-examples must be a positive finite number, got inf" in text
+    assert "unreadable update" in text
 
 
 def test_too_few_valid_replies_keep_the_model(tmp_path: Path) -> None:
