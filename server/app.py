@@ -13,7 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedge.config import RunConfig
 from fedge.records import arrays_to_numpy, load_arrays, model_to_arrays
-from fedge.server.loop import EvaluateFn, RoundHook, RoundLoop
+from fedge.server.loop import EvaluateFn, RoundEvent, RoundHook, RoundLoop
 from fedge.server.run_folder import default_run_dir, write_outputs
 from fedge.strategies import build_strategy
 from fedge.training import EvalResult, evaluate
@@ -73,6 +73,12 @@ def run_federation(
     if resume:
         done = loop.resume()
         log.info("resuming %s after round %d", run_dir, done)
+        if loop.history:
+            last = RoundEvent(done, loop.arrays, loop.history[-1], run_dir, grid)
+            for hook in all_hooks:
+                catch_up = getattr(hook, "catch_up", None)
+                if catch_up is not None:
+                    catch_up(last)
     history = loop.run(grid)
     extra: dict[str, Any] = {}
     for hook in all_hooks:

@@ -212,6 +212,17 @@ class ExportHook:
         else:
             log.warning("round %d: int8 model not published: %s", event.server_round, entry["reason"])
 
+    def catch_up(self, event: RoundEvent) -> None:
+        """On resume: export ``event``'s round if it was due and no attempt was recorded.
+
+        Hooks run after the checkpoint, so a run that died during (or before) the export
+        of a round resumes after that round; this keeps its model from going unexported.
+        """
+        if self.cfg.exports_after(event.server_round) and not any(
+            e["round"] == event.server_round for e in self.summary_items()["artifacts"]
+        ):
+            self.on_round(event)
+
     def summary_items(self) -> dict[str, Any]:
         """``artifacts``: one entry per export attempt, this run's earlier invocations included."""
         path = self.run_dir / ARTIFACTS_LOG
@@ -296,6 +307,10 @@ class ExportHook:
             except ExportError as err:
                 entry.update(reason=str(err), export_s=time.perf_counter() - start)
                 return entry
+            except Exception as err:  # onnxruntime, disk, ...: recorded, and the run goes on
+                log.exception("round %d: export failed", event.server_round)
+                entry.update(reason=f"{type(err).__name__}: {err}", export_s=time.perf_counter() - start)
+                return entry
             entry.update(
                 fp32_bytes=fp32.stat().st_size,
                 int8_bytes=int8.stat().st_size,
@@ -326,10 +341,12 @@ class ExportHook:
             try:
                 write_artifact(staged, {"model.onnx": int8.read_bytes()}, manifest, self.private_key)
                 version = self.registry.publish(staged)
-            except ArtifactError as err:
-                shutil.rmtree(staged, ignore_errors=True)
+            except (ArtifactError, OSError) as err:
                 entry.update(reason=str(err), export_s=time.perf_counter() - start)
                 return entry
+            finally:
+                # Published: renamed away already; failed: never left behind in the registry.
+                shutil.rmtree(staged, ignore_errors=True)
         entry.update(
             path=str(self.registry.path(version)), published=True, export_s=time.perf_counter() - start
         )

@@ -41,13 +41,21 @@ from fedge.records import (
     numpy_to_arrays,
     payload_bytes,
 )
-from fedge.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_atomic
+from fedge.server.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    write_atomic,
+)
 from fedge.strategies import load_strategy_state, strategy_state
 from fedge.training import EvalResult
 
 log = logging.getLogger("fedge.server")
 
 METRICS_FILE = "metrics.jsonl"
+# What a resumed run may not change: the model, its data and the optimizer it continues.
+FIXED_ON_RESUME = ("dataset", "partition", "model", "num-clients", "seed", "strategy")
 
 EvaluateFn = Callable[[ArrayRecord], EvalResult]
 
@@ -330,6 +338,23 @@ class RoundLoop:
         line written after the last checkpoint by a run that then died.
         """
         ckpt = load_checkpoint(self.run_dir)
+        now = self.cfg.to_mapping()
+        changed = [
+            f"{key} ({ckpt.config.get(key)!r} -> {now[key]!r})"
+            for key in FIXED_ON_RESUME
+            if key in ckpt.config and ckpt.config[key] != now[key]
+        ]
+        if changed:
+            raise CheckpointError(
+                f"cannot resume {self.run_dir} with a different {', '.join(changed)}; "
+                "keep them, or start a new run with --out"
+            )
+        shapes = {k: tuple(v.shape) for k, v in ckpt.model.items()}
+        if shapes != {k: tuple(a.shape) for k, a in self.arrays.items()}:
+            raise CheckpointError(
+                f"the checkpoint in {self.run_dir} holds another model's weights than "
+                f"{self.cfg.model!r} builds; start a new run with --out"
+            )
         self.arrays = numpy_to_arrays(ckpt.model)
         load_strategy_state(self.strategy, ckpt.strategy_state)
         self.history = [RoundRecord(**h) for h in ckpt.history]

@@ -126,3 +126,28 @@ def test_unexportable_operator_is_reported_and_nothing_published(
     assert summary["rounds_completed"] == 2  # the round still completed
     assert all(r["clients"] == 4 for r in summary["history"])  # training itself was unaffected
     assert Registry(tmp_path / "run" / "artifacts").versions() == []
+
+
+class _Crash(BaseException):
+    """The process dying between a round's checkpoint and its export."""
+
+
+class _CrashAfter:
+    def __init__(self, server_round: int) -> None:
+        self.server_round = server_round
+
+    def on_start(self, first_round: int, num_rounds: int) -> None:
+        pass
+
+    def on_round(self, event: object) -> None:
+        if event.server_round == self.server_round:  # type: ignore[attr-defined]
+            raise _Crash
+
+
+def test_an_export_skipped_by_a_crash_is_done_on_resume(tmp_path: Path) -> None:
+    cfg = RunConfig.from_mapping(SMALL)  # export-every final: round 2
+    with pytest.raises(_Crash):  # user hooks run before the exporter
+        simulate(cfg, tmp_path / "run", hooks=[_CrashAfter(2)])
+    assert not (tmp_path / "run" / "artifacts.jsonl").exists()
+    summary = simulate(cfg, tmp_path / "run", resume=True)  # no round left to run
+    assert [(e["round"], e["published"]) for e in summary["artifacts"]] == [(2, True)]

@@ -81,8 +81,16 @@ def test_run_folder_refuses_to_overwrite_and_resume_needs_a_checkpoint(tmp_path:
 def test_summary_has_the_documented_keys(tmp_path: Path) -> None:
     cfg = RunConfig.from_mapping({**SMALL, "num-rounds": 2, "workers": 1})
     summary = simulate(cfg, tmp_path / "run")
-    assert {"fedge_version", "config", "rounds_completed", "final", "history", "wall_s",
-            "bytes_up_total", "bytes_down_total"} <= set(summary)
+    assert {
+        "fedge_version",
+        "config",
+        "rounds_completed",
+        "final",
+        "history",
+        "wall_s",
+        "bytes_up_total",
+        "bytes_down_total",
+    } <= set(summary)
     assert summary["config"] == cfg.to_mapping() and summary["rounds_completed"] == 2
     assert set(summary["final"]) == {"accuracy", "loss"}
     for row in summary["history"]:
@@ -115,7 +123,10 @@ def test_default_demo_reaches_90_percent(tmp_path: Path) -> None:
     exe = Path(sys.executable).with_name("fedge")
     proc = subprocess.run(
         [str(exe), "simulate", "--out", str(tmp_path / "demo")],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
@@ -125,3 +136,18 @@ def test_default_demo_reaches_90_percent(tmp_path: Path) -> None:
     assert len((tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()) == 20
     for name in ("accuracy.png", "model.safetensors"):
         assert (tmp_path / "demo" / name).is_file()
+
+
+def test_resume_refuses_a_changed_model_or_data(tmp_path: Path) -> None:
+    from fedge.server.checkpoint import CheckpointError
+
+    cfg = RunConfig.from_mapping({**SMALL, "num-rounds": 1, "workers": 1})
+    simulate(cfg, tmp_path / "run")
+    for change in ({"strategy": "fedavg"}, {"num-clients": 8}, {"seed": 7}):
+        with pytest.raises(CheckpointError, match="cannot resume") as err:
+            simulate(
+                RunConfig.from_mapping({**SMALL, "num-rounds": 2, "workers": 1, **change}),
+                tmp_path / "run",
+                resume=True,
+            )
+        assert "\n" not in str(err.value)
