@@ -289,8 +289,6 @@ class InProcessGrid(Grid):
                 for message in batch
             }
             done, not_done = cf.wait(futures, timeout=timeout_s)
-            for future in not_done:
-                future.cancel()
             for future in done:
                 message = futures[future]
                 try:
@@ -306,13 +304,29 @@ class InProcessGrid(Grid):
                 new_context = context_from_proto(ProtoContext.FromString(context_bytes))
                 self._contexts[message.metadata.dst_node_id].state = new_context.state
                 out[message.metadata.message_id] = reply
-            if any(
-                isinstance(f.exception(), cf.process.BrokenProcessPool) for f in done if not f.cancelled()
-            ):
+            if not_done:
+                # A running task cannot be cancelled: it would hold its worker into the next
+                # round (and block shutdown). The contexts live here, so the workers can go.
+                log.warning(
+                    "%d clients did not reply within %s s; restarting the worker pool",
+                    len(not_done),
+                    timeout_s,
+                )
+                self._kill_pool()
+            elif any(isinstance(f.exception(), cf.process.BrokenProcessPool) for f in done):
                 log.warning("a worker process died; restarting the pool")
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = None
+                self._kill_pool()
         return out
+
+    def _kill_pool(self) -> None:
+        """Terminate the workers now; the next delivery starts a fresh pool."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        # ProcessPoolExecutor has no public way to stop a running task (3.14 adds one).
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def default_workers() -> int:

@@ -44,9 +44,7 @@ LEAF_ALPHABET = "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefgh
 def root() -> str:
     """The shared datasets folder as a string; skips when it is absent."""
     if not DATA_ROOT.is_dir():
-        pytest.skip(
-            f"shared datasets folder not found at {DATA_ROOT} (clone shared/ beside the repo)"
-        )
+        pytest.skip(f"shared datasets folder not found at {DATA_ROOT} (clone shared/ beside the repo)")
     return str(DATA_ROOT)
 
 
@@ -131,9 +129,7 @@ def test_idx_datasets_match_published_counts_and_statistics(
     assert abs(float(dense(data.x_train).mean(dtype=np.float64))) < 2e-3
     assert abs(float(dense(data.x_train).std(dtype=np.float64)) - 1.0) < 2e-3
     # A black pixel maps to -mean/std.
-    assert np.isclose(
-        data.x_train.min(), -pixel_mean / {"mnist": 0.3081, "fashion-mnist": 0.3530}[name]
-    )
+    assert np.isclose(data.x_train.min(), -pixel_mean / {"mnist": 0.3081, "fashion-mnist": 0.3530}[name])
 
 
 def test_femnist_sizes_writers_and_ink_convention(root: str) -> None:
@@ -285,9 +281,7 @@ def test_unknown_dataset_lists_the_choices() -> None:
     assert "unknown dataset 'foo'" in message and "digits, mnist, fashion-mnist" in message
 
 
-def test_missing_data_dir_says_how_to_give_one(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_missing_data_dir_says_how_to_give_one(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     with pytest.raises(DataError) as excinfo:
         load_dataset("mnist")
@@ -428,9 +422,7 @@ def test_same_seed_same_partitions_other_seed_different(text: str) -> None:
 
 def test_pathological_clients_hold_at_most_k_labels() -> None:
     labels = synthetic_labels()
-    parts = partition_indices(
-        labels, PartitionSpec("pathological", classes_per_client=2), 30, seed=3
-    )
+    parts = partition_indices(labels, PartitionSpec("pathological", classes_per_client=2), 30, seed=3)
     assert all(len(np.unique(labels[p])) <= 2 for p in parts)
     assert all(len(p) > 0 for p in parts)
     # first-deterministic: client k holds label k % 10.
@@ -489,9 +481,7 @@ def test_natural_femnist_partition_k_is_the_kth_sorted_writer(root: str) -> None
     raw = np.load(DATA_ROOT / "femnist_leaf" / "femnist_leaf_subset.npz")
     writers = np.unique(raw["writer_train"])
     data = load_dataset("femnist", root)
-    parts = partition_indices(
-        data.y_train, PartitionSpec("natural"), 300, seed=0, natural_ids=data.train_ids
-    )
+    parts = partition_indices(data.y_train, PartitionSpec("natural"), 300, seed=0, natural_ids=data.train_ids)
     assert_exact_cover(parts, 41434)
     for k in (0, 1, 150, 299):
         assert np.array_equal(parts[k], np.flatnonzero(raw["writer_train"] == writers[k]))
@@ -557,9 +547,7 @@ def test_heart_natural_clients_are_the_hospitals(root: str) -> None:
 
 def test_local_test_fraction_splits_a_partition_disjointly(root: str) -> None:
     whole = FederatedData("mnist", "dirichlet:0.5", 10, seed=1, data_dir=root)
-    split = FederatedData(
-        "mnist", "dirichlet:0.5", 10, seed=1, data_dir=root, local_test_fraction=0.2
-    )
+    split = FederatedData("mnist", "dirichlet:0.5", 10, seed=1, data_dir=root, local_test_fraction=0.2)
     for pid in (0, 9):
         x_all, y_all = whole.client_train(pid)
         x_tr, y_tr = split.client_train(pid)
@@ -574,8 +562,7 @@ def test_local_test_fraction_splits_a_partition_disjointly(root: str) -> None:
     # Without a local split, a client evaluates on its training data (documented).
     assert np.array_equal(whole.client_test(3)[1], whole.client_train(3)[1])
     assert split.partition_sizes() == [
-        len(whole.client_train(k)[1]) - round(0.2 * len(whole.client_train(k)[1]))
-        for k in range(10)
+        len(whole.client_train(k)[1]) - round(0.2 * len(whole.client_train(k)[1])) for k in range(10)
     ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -94,3 +95,14 @@ def test_client_sampling_is_seeded_per_round() -> None:
 def test_min_replies_is_the_ceiling() -> None:
     cfg = RunConfig.from_mapping({"min-reply-fraction": 0.5})
     assert [cfg.min_replies(n) for n in (1, 2, 3, 10, 11)] == [1, 1, 2, 5, 6]
+
+
+def test_a_client_that_never_replies_is_dropped_and_its_worker_freed(tmp_path: Path) -> None:
+    loop = _loop(tmp_path, **{"num-rounds": 2, "round-timeout-s": 3})
+    start = time.monotonic()
+    with InProcessGrid("fakeapps:hanging_app", 3, {}, workers=2) as grid:
+        history = loop.run(grid)
+    # Both rounds aggregate partitions 0 and 2: (1 * 3 + 3 * 1) / 4; nobody waits 600 s.
+    assert [(r.clients, r.dropped) for r in history] == [(2, 1), (2, 1)]
+    np.testing.assert_allclose(loop.arrays["w"].numpy(), np.full(4, (1 * 3 + 3 * 1) / 4), rtol=1e-6)
+    assert time.monotonic() - start < 60

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -84,3 +85,15 @@ def faulty_train(msg: Message, context: Context) -> Message:
         )
         return Message(content, reply_to=msg)
     return _reply(msg, arrays, {5: 0, 7: float("inf")}.get(k, NUM_EXAMPLES[k]))
+
+
+# Partition 1 never answers in time; the others reply like constant_app.
+hanging_app = ClientApp()
+
+
+@hanging_app.train()
+def hanging_train(msg: Message, context: Context) -> Message:
+    """Sleep far past any test's round timeout on partition 1."""
+    if int(context.node_config["partition-id"]) == 1:
+        time.sleep(600)
+    return constant_train(msg, context)
