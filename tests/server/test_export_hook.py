@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from crash import Crash, CrashAfter
 
 from fedge.config import RunConfig
 from fedge.deploy.artifacts import ArtifactError, load_public_key, verify_artifact
@@ -128,26 +129,10 @@ def test_unexportable_operator_is_reported_and_nothing_published(
     assert Registry(tmp_path / "run" / "artifacts").versions() == []
 
 
-class _Crash(BaseException):
-    """The process dying between a round's checkpoint and its export."""
-
-
-class _CrashAfter:
-    def __init__(self, server_round: int) -> None:
-        self.server_round = server_round
-
-    def on_start(self, first_round: int, num_rounds: int) -> None:
-        pass
-
-    def on_round(self, event: object) -> None:
-        if event.server_round == self.server_round:  # type: ignore[attr-defined]
-            raise _Crash
-
-
 def test_an_export_skipped_by_a_crash_is_done_on_resume(tmp_path: Path) -> None:
     cfg = RunConfig.from_mapping(SMALL)  # export-every final: round 2
-    with pytest.raises(_Crash):  # user hooks run before the exporter
-        simulate(cfg, tmp_path / "run", hooks=[_CrashAfter(2)])
+    with pytest.raises(Crash):  # user hooks run before the exporter
+        simulate(cfg, tmp_path / "run", hooks=[CrashAfter(2)])
     assert not (tmp_path / "run" / "artifacts.jsonl").exists()
     summary = simulate(cfg, tmp_path / "run", resume=True)  # no round left to run
     assert [(e["round"], e["published"]) for e in summary["artifacts"]] == [(2, True)]

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from crash import Crash, CrashAfter
 from safetensors.numpy import load_file
 
 from fedge.config import ConfigError, RunConfig
-from fedge.server.loop import RoundEvent
 from fedge.simulation.runner import simulate
 
 SMALL = {
@@ -28,22 +28,6 @@ SMALL = {
 }
 
 
-class _Crash(BaseException):
-    """Stands for the process dying: not an Exception, so the loop does not swallow it."""
-
-
-class _CrashAfter:
-    def __init__(self, server_round: int) -> None:
-        self.server_round = server_round
-
-    def on_start(self, first_round: int, num_rounds: int) -> None:
-        pass
-
-    def on_round(self, event: RoundEvent) -> None:
-        if event.server_round == self.server_round:
-            raise _Crash
-
-
 def _model(run_dir: Path) -> dict[str, np.ndarray]:
     return load_file(str(run_dir / "model.safetensors"))
 
@@ -52,8 +36,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
     cfg = RunConfig.from_mapping(SMALL)
     full = simulate(cfg, tmp_path / "full")
 
-    with pytest.raises(_Crash):
-        simulate(cfg, tmp_path / "resumed", hooks=[_CrashAfter(2)])
+    with pytest.raises(Crash):
+        simulate(cfg, tmp_path / "resumed", hooks=[CrashAfter(2)])
     assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 2
     resumed = simulate(cfg, tmp_path / "resumed", resume=True)
 
