@@ -1,0 +1,131 @@
+"""Codec specification: the text form in the run config, parsed once into a frozen dataclass."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+KIND_NONE = "none"
+KIND_QSGD = "qsgd"
+KIND_TOPK = "topk"
+KIND_ROTATE_QSGD = "rotate+qsgd"
+CODEC_KINDS = (KIND_NONE, KIND_QSGD, KIND_TOPK, KIND_ROTATE_QSGD)
+
+MIN_NUM_BITS = 1
+MAX_NUM_BITS = 8
+
+VALID_FORMS = (
+    "valid forms: 'none', 'qsgd:BITS' (BITS 1..8), 'topk:FRACTION' (0 < FRACTION <= 1), "
+    "'rotate+qsgd:BITS' (BITS 1..8), e.g. 'qsgd:4', 'topk:0.01', 'rotate+qsgd:2'"
+)
+
+
+class CodecError(ValueError):
+    """A bad codec text, a malformed or truncated payload, or an update that cannot be encoded."""
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """Which codec compresses an update, and its one parameter.
+
+    Parameters
+    ----------
+    kind : str
+        ``"none"``, ``"qsgd"``, ``"topk"`` or ``"rotate+qsgd"``.
+    num_bits : int, default 0
+        Bits per element for ``qsgd`` and ``rotate+qsgd`` (1..8); 0 for the other kinds.
+    keep_fraction : float, default 0.0
+        Fraction of entries ``topk`` keeps, in (0, 1]; 0.0 for the other kinds.
+
+    Raises
+    ------
+    CodecError
+        When a field is out of range or set for a kind that does not use it.
+    """
+
+    kind: str
+    num_bits: int = 0
+    keep_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in CODEC_KINDS:
+            raise CodecError(f"unknown codec kind {self.kind!r}; {VALID_FORMS}")
+        uses_bits = self.kind in (KIND_QSGD, KIND_ROTATE_QSGD)
+        if uses_bits:
+            if isinstance(self.num_bits, bool) or not isinstance(self.num_bits, int):
+                raise CodecError(f"num_bits must be an int, got {self.num_bits!r}; {VALID_FORMS}")
+            if not MIN_NUM_BITS <= self.num_bits <= MAX_NUM_BITS:
+                raise CodecError(f"{self.kind} needs num_bits in 1..8, got {self.num_bits}; {VALID_FORMS}")
+        elif self.num_bits != 0:
+            raise CodecError(f"{self.kind} takes no num_bits (got {self.num_bits}); leave it 0")
+        if self.kind == KIND_TOPK:
+            fraction = self.keep_fraction
+            if not (isinstance(fraction, int | float) and math.isfinite(fraction) and 0.0 < fraction <= 1.0):
+                raise CodecError(f"topk needs keep_fraction in (0, 1], got {fraction!r}; {VALID_FORMS}")
+        elif self.keep_fraction != 0.0:
+            raise CodecError(f"{self.kind} takes no keep_fraction (got {self.keep_fraction}); leave it 0.0")
+
+    def __str__(self) -> str:
+        if self.kind == KIND_TOPK:
+            return f"{self.kind}:{self.keep_fraction!r}"
+        if self.kind == KIND_NONE:
+            return self.kind
+        return f"{self.kind}:{self.num_bits}"
+
+
+def parse_codec(text: str) -> CodecSpec:
+    """Parse a codec's config text: ``"none"``, ``"qsgd:4"``, ``"topk:0.01"``, ``"rotate+qsgd:2"``.
+
+    Parameters
+    ----------
+    text : str
+        The config value; surrounding whitespace is ignored.
+
+    Returns
+    -------
+    CodecSpec
+        The validated specification; ``str(spec)`` gives the text back.
+
+    Raises
+    ------
+    CodecError
+        On any other text, with the valid forms listed.
+    """
+    stripped = text.strip()
+    kind, sep, arg = stripped.partition(":")
+    if kind == KIND_NONE and not sep:
+        return CodecSpec(KIND_NONE)
+    if kind in (KIND_QSGD, KIND_ROTATE_QSGD) and sep:
+        if not arg.isdigit():
+            raise CodecError(f"codec {text!r}: BITS must be an integer 1..8; {VALID_FORMS}")
+        return CodecSpec(kind, num_bits=int(arg))
+    if kind == KIND_TOPK and sep:
+        try:
+            fraction = float(arg)
+        except ValueError:
+            raise CodecError(f"codec {text!r}: FRACTION must be a number in (0, 1]; {VALID_FORMS}") from None
+        return CodecSpec(KIND_TOPK, keep_fraction=fraction)
+    raise CodecError(f"unknown codec {text!r}; {VALID_FORMS}")
+
+
+def secagg_compatible(spec: CodecSpec) -> bool:
+    """Whether updates encoded with ``spec`` can be summed under secure aggregation.
+
+    Secure aggregation sums dense vectors of integers modulo a power of two (pairwise masks
+    cover every coordinate). ``qsgd`` and ``rotate+qsgd`` produce a dense integer level per
+    coordinate (see :mod:`fedge.compression.qsgd` for the range and the headroom bits);
+    ``none`` is dense and the secagg stage fixed-point encodes it itself. ``topk`` is not:
+    its support differs per client, and a masked sparse vector is dense, so nothing is saved
+    and the support itself would leak.
+
+    Parameters
+    ----------
+    spec : CodecSpec
+        The codec.
+
+    Returns
+    -------
+    bool
+        True for ``none``, ``qsgd`` and ``rotate+qsgd``; False for ``topk``.
+    """
+    return spec.kind != KIND_TOPK

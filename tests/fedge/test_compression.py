@@ -1,0 +1,451 @@
+"""Update codecs: error bounds, unbiasedness, sizes and golden bytes from the documented layout."""
+
+from __future__ import annotations
+
+import math
+import struct
+import time
+
+import numpy as np
+import pytest
+
+from fedge.compression import (
+    CodecError,
+    CodecSpec,
+    decode,
+    dequantize_level_sum,
+    encode,
+    parse_codec,
+    payload_bytes,
+    quantize_levels,
+    secagg_compatible,
+    secagg_sum_bits,
+    with_error_feedback,
+)
+from fedge.compression.hadamard import fwht, rotate, unrotate
+from fedge.compression.qsgd import pack_levels, unpack_levels
+
+ALL_CODECS = ["none", "qsgd:1", "qsgd:2", "qsgd:3", "qsgd:4", "qsgd:8", "topk:0.1", "topk:1", "rotate+qsgd:2"]
+SMALL = np.array([0.5, -1.0, 0.25, 2.0, -0.125], dtype=np.float32)
+
+
+def _spiky(n: int, seed: int) -> np.ndarray:
+    x = (0.01 * np.random.default_rng(seed).standard_normal(n)).astype(np.float32)
+    x[17] = 100.0
+    return x
+
+
+def _one_line(excinfo: pytest.ExceptionInfo[CodecError]) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+# --- parse_codec ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "spec"),
+    [
+        ("none", CodecSpec("none")),
+        ("qsgd:4", CodecSpec("qsgd", num_bits=4)),
+        (" topk:0.01 ", CodecSpec("topk", keep_fraction=0.01)),
+        ("rotate+qsgd:2", CodecSpec("rotate+qsgd", num_bits=2)),
+    ],
+)
+def test_parse_codec_valid_forms(text: str, spec: CodecSpec) -> None:
+    assert parse_codec(text) == spec
+    assert parse_codec(str(spec)) == spec
+
+
+@pytest.mark.parametrize(
+    "text", ["qsgd:0", "qsgd:9", "topk:0", "topk:1.5", "zip", "topk:nan", "qsgd", "none:1", "qsgd:4.0", ""]
+)
+def test_parse_codec_refuses_bad_text_listing_valid_forms(text: str) -> None:
+    with pytest.raises(CodecError) as excinfo:
+        parse_codec(text)
+    message = _one_line(excinfo)
+    assert "valid forms" in message
+    assert "'qsgd:BITS'" in message and "'topk:FRACTION'" in message and "'rotate+qsgd:BITS'" in message
+
+
+def test_spec_refuses_fields_the_kind_does_not_use() -> None:
+    with pytest.raises(CodecError):
+        CodecSpec("topk", num_bits=4, keep_fraction=0.1)
+    with pytest.raises(CodecError):
+        CodecSpec("qsgd", num_bits=4, keep_fraction=0.1)
+
+
+# --- round trips and error bounds -----------------------------------------------------------
+
+
+def test_none_is_exact() -> None:
+    x = np.random.default_rng(0).standard_normal((3, 7)).astype(np.float32)
+    out = decode(encode(x, parse_codec("none"), np.random.default_rng(1)), x.shape)
+    assert out.dtype == np.float32 and out.shape == (3, 7)
+    np.testing.assert_array_equal(out, x)
+
+
+@pytest.mark.parametrize("num_bits", range(1, 9))
+def test_qsgd_error_below_one_step_per_element(num_bits: int) -> None:
+    # Step between levels: 2 * m / (2**b - 1), m = max |x| of the element's 1024-chunk.
+    x = np.random.default_rng(num_bits).standard_normal(2500).astype(np.float32)
+    x[1500] = 40.0  # a spike makes the second chunk's step larger
+    out = decode(encode(x, CodecSpec("qsgd", num_bits=num_bits), np.random.default_rng(0)), x.shape)
+    levels = 2**num_bits - 1
+    chunk_max = np.array([np.abs(x[i : i + 1024]).max() for i in range(0, 2500, 1024)])
+    step = np.repeat(2 * chunk_max / levels, 1024)[:2500]
+    assert np.all(np.abs(out - x) <= step * (1 + 1e-5))
+
+
+def test_qsgd_zero_chunk_decodes_to_exact_zero() -> None:
+    x = np.zeros(3000, dtype=np.float32)
+    x[2500] = 1.0
+    out = decode(encode(x, parse_codec("qsgd:3"), np.random.default_rng(0)), x.shape)
+    assert np.all(out[:2048] == 0.0)
+
+
+def test_topk_keeps_the_largest_exactly_and_drops_the_rest() -> None:
+    x = np.random.default_rng(3).standard_normal(1000).astype(np.float32)
+    out = decode(encode(x, parse_codec("topk:0.05"), np.random.default_rng(0)), x.shape)
+    kept = out != 0
+    assert kept.sum() == 50  # ceil(0.05 * 1000)
+    np.testing.assert_array_equal(out[kept], x[kept])
+    assert np.abs(x[kept]).min() >= np.abs(x[~kept]).max()
+    assert set(np.flatnonzero(kept)) == set(np.argsort(-np.abs(x))[:50])
+
+
+@pytest.mark.parametrize(("n", "fraction", "k"), [(1, 0.001, 1), (10, 0.001, 1), (10, 1.0, 10), (7, 0.5, 4)])
+def test_topk_count_closed_form(n: int, fraction: float, k: int) -> None:
+    x = np.arange(1, n + 1, dtype=np.float32)
+    out = decode(encode(x, CodecSpec("topk", keep_fraction=fraction), np.random.default_rng(0)), (n,))
+    assert np.count_nonzero(out) == k
+
+
+def test_rotate_qsgd_error_norm_bound() -> None:
+    # Rotation is orthonormal: ||x - x_hat|| = ||y - y_hat|| <= sqrt(m) * step, and every
+    # chunk scale max|y_c| <= ||y|| = ||x||, so step <= 2 ||x|| / L.
+    x = _spiky(3000, 5)
+    for num_bits in (1, 2, 4):
+        out = decode(
+            encode(x, CodecSpec("rotate+qsgd", num_bits=num_bits), np.random.default_rng(0)), x.shape
+        )
+        m = 4096
+        bound = math.sqrt(m) * 2 * float(np.linalg.norm(x)) / (2**num_bits - 1)
+        assert float(np.linalg.norm(out - x)) <= bound
+
+
+@pytest.mark.parametrize("text", ALL_CODECS)
+def test_empty_and_single_element_tensors(text: str) -> None:
+    spec = parse_codec(text)
+    empty = decode(encode(np.zeros((0, 4), dtype=np.float32), spec, np.random.default_rng(0)), (0, 4))
+    assert empty.shape == (0, 4)
+    one = decode(encode(np.array([3.0], dtype=np.float32), spec, np.random.default_rng(0)), (1,))
+    assert abs(float(one[0]) - 3.0) <= 2 * 3.0 + 1e-6
+
+
+@pytest.mark.parametrize("text", ALL_CODECS)
+def test_encode_never_mutates_its_input_and_is_seed_deterministic(text: str) -> None:
+    spec = parse_codec(text)
+    x = np.random.default_rng(0).standard_normal(300).astype(np.float32)
+    before = x.copy()
+    a = encode(x, spec, np.random.default_rng(11), rotation_seed=5)
+    b = encode(x, spec, np.random.default_rng(11), rotation_seed=5)
+    np.testing.assert_array_equal(x, before)
+    assert a == b
+    if spec.kind in ("qsgd", "rotate+qsgd"):
+        assert encode(x, spec, np.random.default_rng(12), rotation_seed=5) != a
+
+
+# --- unbiasedness ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_bits", [1, 2, 4])
+def test_qsgd_is_unbiased(num_bits: int) -> None:
+    # Var[x_hat_i] <= step**2 / 4, so the mean of T draws has std <= step / (2 sqrt(T)).
+    x = _spiky(64, 9)
+    x[3] = -0.02
+    draws = 2000
+    rng = np.random.default_rng(2024)
+    spec = CodecSpec("qsgd", num_bits=num_bits)
+    total = np.zeros(64, dtype=np.float64)
+    for _ in range(draws):
+        total += decode(encode(x, spec, rng), x.shape)
+    step = 2 * float(np.abs(x).max()) / (2**num_bits - 1)
+    tolerance = 5 * step / (2 * math.sqrt(draws))
+    assert np.all(np.abs(total / draws - x) <= tolerance + 1e-6)
+
+
+def test_rotate_qsgd_is_unbiased_for_a_fixed_rotation() -> None:
+    # x_hat = R^T y_hat: Var[x_hat_i] <= max_j Var[y_hat_j] <= (2 ||x|| / L)**2 / 4.
+    x = _spiky(100, 4)
+    draws = 2000
+    rng = np.random.default_rng(77)
+    spec = CodecSpec("rotate+qsgd", num_bits=2)
+    total = np.zeros(100, dtype=np.float64)
+    for _ in range(draws):
+        total += decode(encode(x, spec, rng, rotation_seed=3), x.shape)
+    tolerance = 5 * (2 * float(np.linalg.norm(x)) / 3) / (2 * math.sqrt(draws))
+    assert np.all(np.abs(total / draws - x) <= tolerance)
+
+
+# --- rotation -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [1, 2, 8, 64, 512])
+def test_fwht_equals_the_sylvester_matrix(m: int) -> None:
+    # Slow reference: H[i, j] = (-1)**popcount(i & j).
+    idx = np.arange(m)
+    h = np.array([[(-1.0) ** bin(int(i) & int(j)).count("1") for j in idx] for i in idx])
+    v = np.random.default_rng(m).standard_normal(m).astype(np.float32)
+    np.testing.assert_allclose(fwht(v), h @ v.astype(np.float64), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [1, 5, 1000, 4096, 70_000])
+def test_rotation_is_orthonormal_and_invertible(n: int) -> None:
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    y = rotate(x, rotation_seed=123)
+    assert y.size == (1 << (n - 1).bit_length() if n > 1 else 1)
+    assert abs(np.linalg.norm(y) - np.linalg.norm(x)) <= 1e-5 * np.linalg.norm(x)
+    np.testing.assert_allclose(unrotate(y, n, rotation_seed=123), x, atol=1e-5)
+    assert not np.allclose(unrotate(y, n, rotation_seed=124), x, atol=1e-2)
+
+
+def test_rotation_lowers_low_bit_error_on_a_spiky_vector() -> None:
+    x = _spiky(4096, 1)
+    plain = decode(encode(x, parse_codec("qsgd:2"), np.random.default_rng(8)), x.shape)
+    rotated = decode(
+        encode(x, parse_codec("rotate+qsgd:2"), np.random.default_rng(8), rotation_seed=8), x.shape
+    )
+    assert np.mean((rotated - x) ** 2) < np.mean((plain - x) ** 2)
+
+
+# --- error feedback -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["qsgd:2", "topk:0.05", "rotate+qsgd:4", "none"])
+def test_error_feedback_telescopes(text: str) -> None:
+    spec = parse_codec(text)
+    data_rng = np.random.default_rng(31)
+    codec_rng = np.random.default_rng(32)
+    residual = np.zeros((30, 100), dtype=np.float32)
+    sent = np.zeros((30, 100), dtype=np.float64)
+    truth = np.zeros((30, 100), dtype=np.float64)
+    for server_round in range(1, 21):
+        update = data_rng.standard_normal((30, 100)).astype(np.float32)
+        before = residual.copy()
+        payload, residual = with_error_feedback(update, residual, spec, codec_rng, rotation_seed=server_round)
+        assert residual.shape == update.shape and residual.dtype == np.float32
+        sent += decode(payload, update.shape)
+        truth += update
+        assert before is not residual
+    assert np.linalg.norm(sent + residual - truth) <= 1e-4 * np.linalg.norm(truth)
+
+
+def test_error_feedback_refuses_a_residual_of_another_shape() -> None:
+    with pytest.raises(CodecError):
+        with_error_feedback(np.zeros(3), np.zeros(4), parse_codec("qsgd:2"), np.random.default_rng(0))
+
+
+# --- golden bytes ---------------------------------------------------------------------------
+# SMALL = [0.5, -1, 0.25, 2, -0.125], rng = default_rng(0), rotation_seed = 7.
+# Header: b"FGC" | version 01 | codec id | n = 5 as uint64 LE | codec fields; then the body.
+
+GOLDEN = {  # bytes.fromhex skips the spaces that separate the fields
+    "none": "464743 01 00 0500000000000000 0000003f 000080bf 0000803e 00000040 000000be",  # 5 float32 LE
+    # num_bits 2 | chunk 1024 | scale 2.0 | levels 2,1,2,3,1 packed LSB-first: 0b11_10_01_10, 0b01
+    "qsgd:2": "464743 01 01 0500000000000000 02 00040000 00000040 e601",
+    "qsgd:3": "464743 01 01 0500000000000000 03 00040000 00000040 153f",
+    # bitmap format 2 | k = 2 | bitmap 0b00001010 (elements 1 and 3) | values -1.0, 2.0
+    "topk:0.4": "464743 01 02 0500000000000000 02 0200000000000000 0a 000080bf 00000040",
+    # num_bits 2 | chunk 1024 | seed 7 | one scale over m = 8 | 8 levels in 2 bytes
+    "rotate+qsgd:2": "464743 01 03 0500000000000000 02 00040000 0700000000000000 cb5caf3f 9793",
+}
+
+
+@pytest.mark.parametrize("text", sorted(GOLDEN))
+def test_golden_bytes(text: str) -> None:
+    payload = encode(SMALL, parse_codec(text), np.random.default_rng(0), rotation_seed=7)
+    assert payload == bytes.fromhex(GOLDEN[text])
+
+
+def test_golden_qsgd_levels_decode_to_closed_form() -> None:
+    # levels 2,1,2,3,1 with m = 2, L = 3: x_hat = 2 * (q * 2 / 3 - 1)
+    out = decode(bytes.fromhex(GOLDEN["qsgd:2"]), (5,))
+    np.testing.assert_allclose(out, [2 / 3, -2 / 3, 2 / 3, 2.0, -2 / 3], rtol=1e-6)
+
+
+# --- sizes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "n", "expected"),
+    [
+        ("none", 1_000_000, 13 + 4 * 1_000_000),
+        ("qsgd:4", 1_000_000, 18 + 4 * 977 + 1_000_000 * 4 // 8),  # ceil(1e6 / 1024) = 977 scales
+        ("qsgd:1", 1_000_000, 18 + 4 * 977 + 1_000_000 // 8),
+        ("qsgd:3", 1001, 18 + 4 * 1 + math.ceil(1001 * 3 / 8)),
+        ("topk:0.01", 1_000_000, 22 + 10_000 * 4 + 10_000 * 4),  # uint32 indices + fp32 values
+        ("topk:0.01", 50_000, 22 + 500 * 2 + 500 * 4),  # uint16 indices
+        ("topk:0.5", 50_000, 22 + 50_000 // 8 + 25_000 * 4),  # bitmap is cheaper than 50 kB of uint16
+        ("rotate+qsgd:2", 1_000_000, 26 + 4 * 1024 + 2**20 * 2 // 8),  # padded to 2**20
+    ],
+)
+def test_payload_size_matches_the_layout(text: str, n: int, expected: int) -> None:
+    x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    spec = parse_codec(text)
+    payload = encode(x, spec, np.random.default_rng(1))
+    assert len(payload) == expected == payload_bytes(spec, n)
+
+
+def test_qsgd4_is_about_an_eighth_of_fp32() -> None:
+    ratio = payload_bytes(parse_codec("qsgd:4"), 1_000_000) / (4 * 1_000_000)
+    assert 0.125 <= ratio < 0.127
+
+
+# --- packing --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_bits", range(1, 9))
+def test_bit_packing_matches_a_bitwise_reference(num_bits: int) -> None:
+    levels = np.random.default_rng(num_bits).integers(0, 2**num_bits, size=37, dtype=np.uint8)
+    stream = [(int(q) >> b) & 1 for q in levels for b in range(num_bits)]
+    stream += [0] * (-len(stream) % 8)
+    reference = bytes(sum(stream[i + j] << j for j in range(8)) for i in range(0, len(stream), 8))
+    assert pack_levels(levels, num_bits) == reference
+    np.testing.assert_array_equal(unpack_levels(reference, 37, num_bits), levels)
+
+
+# --- bad input and bad payloads -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ALL_CODECS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_and_inf_are_refused(text: str, bad: float) -> None:
+    x = np.ones(10, dtype=np.float32)
+    x[4] = bad
+    with pytest.raises(CodecError) as excinfo:
+        encode(x, parse_codec(text), np.random.default_rng(0))
+    assert "NaN or Inf" in _one_line(excinfo)
+
+
+def _valid(text: str = "qsgd:4", n: int = 40) -> bytes:
+    x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    return encode(x, parse_codec(text), np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("text", ALL_CODECS)
+def test_truncated_and_extended_payloads_are_refused(text: str) -> None:
+    payload = _valid(text)
+    for cut in (1, 5, 14, len(payload) - 1):
+        with pytest.raises(CodecError) as excinfo:
+            decode(payload[:cut], (40,))
+        assert "truncated" in _one_line(excinfo)
+    with pytest.raises(CodecError) as excinfo:
+        decode(payload + b"\x00", (40,))
+    assert "extra" in _one_line(excinfo)
+
+
+def test_wrong_magic_is_refused() -> None:
+    with pytest.raises(CodecError) as excinfo:
+        decode(b"PK\x03" + _valid()[3:], (40,))
+    assert "not a fedge codec payload" in _one_line(excinfo)
+
+
+def test_newer_version_is_refused_with_upgrade_advice() -> None:
+    payload = bytearray(_valid())
+    payload[3] = 2
+    with pytest.raises(CodecError) as excinfo:
+        decode(bytes(payload), (40,))
+    assert _one_line(excinfo) == "header version 2 is newer than this fedge understands (1); upgrade fedge"
+
+
+def test_unknown_codec_id_is_refused() -> None:
+    payload = bytearray(_valid())
+    payload[4] = 9
+    with pytest.raises(CodecError) as excinfo:
+        decode(bytes(payload), (40,))
+    assert "unknown codec id 9" in _one_line(excinfo)
+
+
+def test_element_count_must_match_shape() -> None:
+    with pytest.raises(CodecError) as excinfo:
+        decode(_valid(), (41,))
+    assert "holds 40 elements but shape (41,) has 41" in _one_line(excinfo)
+    assert decode(_valid(), (5, 8)).shape == (5, 8)
+
+
+def test_corrupt_codec_fields_are_refused() -> None:
+    qsgd_payload = bytearray(_valid("qsgd:4"))
+    qsgd_payload[13] = 0  # num_bits
+    with pytest.raises(CodecError):
+        decode(bytes(qsgd_payload), (40,))
+    topk_payload = _valid("topk:0.05")  # n = 40, k = 2, uint16 indices (4 B < 5 B bitmap) at 22
+    assert topk_payload[13] == 0
+    first, second = struct.unpack_from("<2H", topk_payload, 22)
+    swapped = struct.pack("<2H", second, first)
+    with pytest.raises(CodecError) as excinfo:
+        decode(topk_payload[:22] + swapped + topk_payload[26:], (40,))
+    assert "ascend" in _one_line(excinfo)
+
+
+# --- secure aggregation ---------------------------------------------------------------------
+
+
+def test_secagg_compatibility() -> None:
+    assert secagg_compatible(parse_codec("qsgd:4"))
+    assert secagg_compatible(parse_codec("rotate+qsgd:2"))
+    assert secagg_compatible(parse_codec("none"))
+    assert not secagg_compatible(parse_codec("topk:0.01"))
+
+
+@pytest.mark.parametrize(
+    ("num_bits", "num_clients", "bits"), [(4, 1, 4), (4, 2, 5), (4, 10, 8), (8, 1000, 18)]
+)
+def test_secagg_headroom_bits(num_bits: int, num_clients: int, bits: int) -> None:
+    assert secagg_sum_bits(num_bits, num_clients) == bits
+    assert num_clients * (2**num_bits - 1) < 2**bits
+
+
+def test_masked_level_sum_equals_plain_sum_and_decodes_linearly() -> None:
+    num_bits, num_clients, clip_value = 3, 10, 0.5
+    modulus = 2 ** secagg_sum_bits(num_bits, num_clients)
+    rng = np.random.default_rng(5)
+    updates = [np.clip(rng.standard_normal(200), -0.5, 0.5).astype(np.float32) for _ in range(num_clients)]
+    levels = [quantize_levels(u, num_bits, clip_value, rng).astype(np.int64) for u in updates]
+    masks = [rng.integers(0, modulus, 200) for _ in range(num_clients - 1)]
+    masks.append((-sum(masks)) % modulus)  # pairwise masks cancel in the sum
+    masked_sum = sum((q + r) % modulus for q, r in zip(levels, masks, strict=True)) % modulus
+    plain_sum = sum(levels)
+    np.testing.assert_array_equal(masked_sum, plain_sum)
+    per_client = sum(clip_value * (q * 2 / 7 - 1) for q in levels)
+    np.testing.assert_allclose(
+        dequantize_level_sum(masked_sum, num_bits, clip_value, num_clients), per_client, atol=1e-5
+    )
+
+
+def test_shared_scale_quantization_refuses_unclipped_values() -> None:
+    with pytest.raises(CodecError):
+        quantize_levels(np.array([0.6], dtype=np.float32), 4, 0.5, np.random.default_rng(0))
+
+
+# --- throughput (printed, not asserted) ----------------------------------------------------
+
+
+def test_throughput_report() -> None:
+    from threadpoolctl import threadpool_limits
+
+    x = np.random.default_rng(0).standard_normal(1_000_000).astype(np.float32)
+    megabytes = x.nbytes / 1e6
+    with threadpool_limits(limits=1):
+        for text in ["none", "qsgd:1", "qsgd:2", "qsgd:4", "qsgd:8", "topk:0.01", "rotate+qsgd:2"]:
+            spec = parse_codec(text)
+            rng = np.random.default_rng(1)
+            best = math.inf
+            for _ in range(3):
+                start = time.perf_counter()
+                decode(encode(x, spec, rng, rotation_seed=1), x.shape)
+                best = min(best, time.perf_counter() - start)
+            print(
+                f"{text:>14}: encode+decode {megabytes / best:7.0f} MB/s of fp32 input ({best * 1e3:.1f} ms)"
+            )
