@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from fedge.client.mods import compression_mod, fp16_downlink_mod
 from fedge.config import RunConfig
 from fedge.data import FederatedData
 from fedge.models import build_model
@@ -179,10 +180,12 @@ def make_client_app(cfg: RunConfig | None = None, mods: Sequence[Mod] = ()) -> C
         (as under ``flwr run``); Flower's Ray engine gives apps an empty run config,
         so it needs the config closed over here.
     mods : sequence of Mod
-        Flower client mods wrapped around both handlers (compression, DP clipping,
-        secure-aggregation masking plug in here).
+        Flower client mods wrapped around the handlers (DP clipping and secure-aggregation
+        masking plug in here). fedge's own mods always wrap them: the fp16 downlink
+        widening outermost, then update compression, so a mod given here sees a float32
+        model and the trained weights before they are compressed.
     """
-    app = ClientApp(mods=list(mods))
+    app = ClientApp(mods=[fp16_downlink_mod, compression_mod, *mods])
 
     def resolve(context: Context) -> RunConfig:
         return cfg if cfg is not None else config_from_context(context)

@@ -28,6 +28,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedge.files import fsync_dir
+
 MANIFEST_FORMAT = 1
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
@@ -203,36 +205,6 @@ def build_manifest(
 
 
 # ---------------------------------------------------------------------------- file helpers
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a folder's entries (renames, new files) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
-
-    A temporary file beside ``path`` is written and fsynced, renamed over ``path`` with
-    ``os.replace`` (atomic on POSIX), and the folder fsynced. If anything fails, ``path``
-    is untouched and the temporary file removed.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "xb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def _write_new_file(path: Path, data: bytes, mode: int = 0o644) -> None:

@@ -26,11 +26,10 @@ from fedge.deploy.artifacts import (
     MANIFEST_FILE,
     SIGNATURE_FILE,
     ArtifactError,
-    fsync_dir,
     verify_artifact,
     version_round,
-    write_bytes_atomic,
 )
+from fedge.files import fsync_dir, write_bytes_atomic
 
 CURRENT_FILE = "current"
 

@@ -35,14 +35,13 @@ from fedge.deploy.artifacts import (
     SIGNATURE_FILE,
     ArtifactError,
     check_files,
-    fsync_dir,
     read_signed_manifest,
     read_verified_file,
     verify_artifact,
     version_round,
-    write_bytes_atomic,
 )
 from fedge.deploy.registry import CURRENT_FILE, Registry, RegistryError
+from fedge.files import fsync_dir, write_bytes_atomic
 
 VERSIONS_DIR = "versions"
 PREVIOUS_FILE = "previous"

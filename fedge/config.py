@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from fedge.compression import CodecSpec
     from fedge.data import DatasetSpec, FederatedData
 
 ENGINES: tuple[str, ...] = ("inprocess", "ray")
+DOWNLINKS: tuple[str, ...] = ("fp32", "fp16")
 # The schema's allowed strategy names; `fedge.strategies.STRATEGIES` maps each to a
 # class (a test keeps the two equal).
 STRATEGY_NAMES: tuple[str, ...] = (
@@ -102,6 +104,18 @@ class RunConfig:
         Server-side learning rate and momentum (FedAvgM, FedAdam/Yogi/Adagrad).
     trim_beta : float
         Fraction trimmed at each end by FedTrimmedAvg, in [0, 0.5).
+    compression : str
+        Codec of the clients' updates (``local - global``, per tensor): ``none`` (plain
+        float32 weights, as Flower sends them), ``qsgd:BITS`` (stochastic uniform
+        quantization, 1..8 bits), ``topk:FRACTION`` (the largest entries, in (0, 1]) or
+        ``rotate+qsgd:BITS`` (randomized Hadamard rotation, then qsgd); see
+        :mod:`fedge.compression`.
+    error_feedback : bool
+        Clients keep what the codec dropped and add it to their next update; needs a lossy
+        ``compression``.
+    downlink : str
+        How the server sends the global model: ``fp32`` or ``fp16`` (half the bytes; the
+        server keeps its model in fp32 and clients send updates against what they got).
     out_dir : str
         Parent folder of run folders; a run writes ``out_dir/run_name/``.
     run_name : str
@@ -151,6 +165,9 @@ class RunConfig:
     server_lr: float = 1.0
     server_momentum: float = 0.0
     trim_beta: float = 0.2
+    compression: str = "none"
+    error_feedback: bool = False
+    downlink: str = "fp32"
     out_dir: str = "runs"
     run_name: str = field(default="")
     export_every: str = "final"
@@ -164,6 +181,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         # Imported here: the kernel's data and model modules pull in numpy/torch, and
         # keeping them out of module import keeps `fedge --help` fast.
+        from fedge.compression import CodecError
         from fedge.data import DataError, check_dataset_name, parse_partition
         from fedge.models import MODELS
 
@@ -221,6 +239,19 @@ class RunConfig:
             f"server-momentum must be in [0, 1), got {self.server_momentum}",
         )
         _check(0 <= self.trim_beta < 0.5, f"trim-beta must be in [0, 0.5), got {self.trim_beta}")
+        try:
+            codec = self.codec()
+        except CodecError as err:
+            raise ConfigError(f"compression: {err}") from None
+        _check(
+            not self.error_feedback or codec.kind != "none",
+            "error-feedback needs a lossy compression (qsgd:BITS, topk:FRACTION, rotate+qsgd:BITS); "
+            "set compression or error-feedback = false",
+        )
+        _check(
+            self.downlink in DOWNLINKS,
+            f"unknown downlink {self.downlink!r}; choose one of: {', '.join(DOWNLINKS)}",
+        )
         _check(
             self.export_every in ("off", "final")
             or (self.export_every.isdigit() and int(self.export_every) > 0),
@@ -317,6 +348,12 @@ class RunConfig:
             seed=self.seed,
             vocab_size=spec.vocab_size,
         )
+
+    def codec(self) -> CodecSpec:
+        """The parsed ``compression`` codec."""
+        from fedge.compression import parse_codec
+
+        return parse_codec(self.compression)
 
     def exports_after(self, server_round: int) -> bool:
         """Whether the server exports the global model after ``server_round``."""

@@ -37,6 +37,11 @@ LOCAL_EPOCHS = "local-epochs"
 BATCH_SIZE = "batch-size"
 PROXIMAL_MU = "proximal-mu"
 SEED = "seed"
+# Update compression (fedge.update_records): the codec text (fedge.compression.parse_codec),
+# whether the client keeps an error-feedback residual, and the round's shared rotation seed.
+CODEC = "codec"
+ERROR_FEEDBACK = "error-feedback"
+ROTATION_SEED = "rotation-seed"
 
 
 def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:

@@ -8,7 +8,6 @@ at any point leaves either the previous round's checkpoint or this one.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,8 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save
+
+from fedge.files import write_bytes_atomic
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "fedge-checkpoint/1"
@@ -40,17 +41,7 @@ class Checkpoint:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new file, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_bytes_atomic(path, data)
 
 
 def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:

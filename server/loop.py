@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,16 +25,20 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.run import Run
 
+from fedge.compression import CodecError
 from fedge.config import RunConfig
 from fedge.records import (
     ARRAYS_KEY,
     BATCH_SIZE,
+    CODEC,
+    ERROR_FEEDBACK,
     EVAL_ACCURACY,
     LOCAL_EPOCHS,
     LR,
     METRICS_KEY,
     MOMENTUM,
     NUM_EXAMPLES,
+    ROTATION_SEED,
     SEED,
     TRAIN_LOSS,
     arrays_to_numpy,
@@ -50,6 +54,7 @@ from fedge.server.checkpoint import (
 )
 from fedge.strategies import load_strategy_state, strategy_state
 from fedge.training import EvalResult
+from fedge.update_records import decode_array, round_rotation_seed, to_fp16
 
 log = logging.getLogger("fedge.server")
 
@@ -186,21 +191,29 @@ def sample_clients(node_ids: Iterable[int], num: int, seed: int, server_round: i
     return sorted(pool[int(i)] for i in rng.choice(len(pool), size=num, replace=False))
 
 
-def check_update(
-    reply: Message, reference: dict[str, tuple[tuple[int, ...], np.dtype[Any]]]
-) -> tuple[Message | None, str | None]:
+def check_update(reply: Message, reference: Mapping[str, np.ndarray]) -> tuple[Message | None, str | None]:
     """Check a training reply; return a clean copy to aggregate, or why it cannot be.
 
-    A reply is rejected for: an error instead of content, no or several ArrayRecords,
-    arrays that do not decode, or whose names, decoded shapes or dtypes differ from the
-    global model's, NaN or Inf values, or a missing, non-finite or non-positive
-    ``num-examples``. Anything that raises while being read is a rejection too, never a
-    crash of the round.
+    A tensor arrives as plain weights or as a compressed update against the global model
+    the server sent (:mod:`fedge.update_records`), which is decoded here and added to
+    ``reference``. A reply is rejected for: an error instead of content, no or several
+    ArrayRecords, arrays that do not decode (a malformed, truncated or over-long codec
+    payload, an unknown codec version or id), or whose names, decoded shapes or dtypes
+    differ from the global model's, NaN or Inf values, or a missing, non-finite or
+    non-positive ``num-examples``. Anything that raises while being read is a rejection
+    too, never a crash of the round.
+
+    Parameters
+    ----------
+    reply : Message
+        A client's reply to a training message.
+    reference : Mapping[str, ndarray]
+        The global model this round sent, by tensor name.
 
     Returns
     -------
     tuple
-        ``(clean, None)`` where ``clean`` carries only the decoded arrays and
+        ``(clean, None)`` where ``clean`` carries only the decoded weights and
         ``num-examples`` (so strategies see uniform replies whatever else a client sent),
         or ``(None, reason)``.
     """
@@ -217,9 +230,12 @@ def check_update(
             return None, f"array names differ from the model's (missing {missing}, unexpected {extra})"
         decoded: dict[str, np.ndarray] = {}
         for name, array in arrays.items():
-            shape, dtype = reference[name]
+            shape, dtype = reference[name].shape, reference[name].dtype
             # The declared shape/dtype and the bytes can disagree: check what decodes.
-            values = array.numpy()
+            try:
+                values = decode_array(array, reference[name])
+            except CodecError as err:
+                return None, f"bad compressed update for {name!r}: {err}"
             if values.shape != shape or values.dtype != dtype:
                 return (
                     None,
@@ -398,9 +414,9 @@ class RoundLoop:
                     log.exception("round hook %s failed in round %d", type(hook).__name__, server_round)
         return self.history
 
-    def _round_config(self) -> ConfigRecord:
+    def _round_config(self, server_round: int) -> ConfigRecord:
         cfg = self.cfg
-        return ConfigRecord(
+        record = ConfigRecord(
             {
                 LR: cfg.lr,
                 MOMENTUM: cfg.momentum,
@@ -409,6 +425,27 @@ class RoundLoop:
                 SEED: cfg.seed,
             }
         )
+        if cfg.compression != "none":
+            # The client's compression mod reads these; one rotation seed per round, shared
+            # by every client (rotated updates must stay summable under secure aggregation).
+            record[CODEC] = str(cfg.codec())
+            record[ERROR_FEEDBACK] = cfg.error_feedback
+            record[ROTATION_SEED] = round_rotation_seed(cfg.seed, server_round)
+        return record
+
+    def _downlink(self, messages: list[Message]) -> list[Message]:
+        """The messages as sent: with ``downlink = fp16``, the model's float32 tensors as float16."""
+        if self.cfg.downlink != "fp16":
+            return messages
+        out = []
+        for message in messages:
+            content = message.content
+            if ARRAYS_KEY in content.array_records:
+                half = to_fp16(content.array_records[ARRAYS_KEY])
+                # A new RecordDict per message: strategies share one between their messages.
+                message.content = RecordDict({**dict(content), ARRAYS_KEY: half})
+            out.append(message)
+        return out
 
     def run_round(self, grid: Grid, server_round: int) -> RoundRecord:
         """One round of training (and evaluation) starting from ``self.arrays``."""
@@ -416,16 +453,18 @@ class RoundLoop:
         start = time.perf_counter()
         node_ids = wait_for_nodes(grid, cfg.clients_per_round, cfg.round_timeout_s)
         sampled = sample_clients(node_ids, cfg.clients_per_round, cfg.seed, server_round)
-        messages = list(
-            self.strategy.configure_train(
-                server_round, self.arrays, self._round_config(), _SampledGrid(grid, sampled)
+        messages = self._downlink(
+            list(
+                self.strategy.configure_train(
+                    server_round, self.arrays, self._round_config(server_round), _SampledGrid(grid, sampled)
+                )
             )
         )
         bytes_down = sum(payload_bytes(m.content) for m in messages)
         replies = self.transport.exchange(grid, messages, cfg.round_timeout_s)
         bytes_up = sum(payload_bytes(r.content) for r in replies if r.has_content())
 
-        reference = {k: (tuple(a.shape), np.dtype(a.dtype)) for k, a in self.arrays.items()}
+        reference = arrays_to_numpy(self.arrays)
         valid: list[Message] = []
         accepted: list[Message] = []
         for reply in replies:
@@ -491,9 +530,11 @@ class RoundLoop:
     def _federated_evaluate(self, grid: Grid, server_round: int, node_ids: list[int]) -> float | None:
         num = max(1, round(self.cfg.fraction_evaluate * len(node_ids)))
         sampled = sample_clients(node_ids, num, self.cfg.seed + 1, server_round)
-        messages = list(
-            self.strategy.configure_evaluate(
-                server_round, self.arrays, ConfigRecord(), _SampledGrid(grid, sampled)
+        messages = self._downlink(
+            list(
+                self.strategy.configure_evaluate(
+                    server_round, self.arrays, ConfigRecord(), _SampledGrid(grid, sampled)
+                )
             )
         )
         replies = self.transport.exchange(grid, messages, self.cfg.round_timeout_s)

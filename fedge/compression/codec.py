@@ -6,7 +6,8 @@ Common header, 13 bytes::
 
     0..2   magic          b"FGC"
     3      version        uint8, 1
-    4      codec id       uint8: 0 none, 1 qsgd, 2 topk, 3 rotate+qsgd
+    4      codec id       uint8: 0 none, 1 qsgd, 2 topk, 3 rotate+qsgd, 4 ternary,
+                          5 rotate+ternary, 6 stc
     5..12  n              uint64, number of elements (must equal prod(shape) at decode)
 
 Then per codec:
@@ -36,12 +37,41 @@ Then per codec:
 
     13      num_bits       uint8, 1..8
     14..17  chunk_size     uint32 (1024)
-    18..25  rotation_seed  uint64 (the decoder rebuilds the signs from it)
+    18..21  block_size     uint32, rotation block, a power of two (1024)
+    22..29  rotation_seed  uint64 (the decoder rebuilds the signs from it)
 
-    header 26 bytes; body: as ``qsgd`` but over the rotated vector of
-    ``m = 2**ceil(log2(n))`` elements (see :mod:`fedge.compression.hadamard`).
-    Total ``26 + 4 ceil(m / 1024) + ceil(m b / 8)``; padding costs up to 2x when ``n`` is just
-    above a power of two.
+    header 30 bytes; body: as ``qsgd`` but over the rotated vector of
+    ``m = rotated_length(n)`` elements (whole blocks, and the tail block padded to a power
+    of two, see :mod:`fedge.compression.hadamard`). Total ``30 + 4 ceil(m / 1024) + ceil(m b / 8)``.
+
+``ternary`` (id 4)::
+
+    13..16  chunk_size    uint32 (1024)
+
+    header 17 bytes; body: ``ceil(n / chunk_size)`` float32 scales, then levels 0..2 packed
+    five to a byte (``ceil(n / 5)`` bytes, :func:`fedge.compression.qsgd.pack_trits`).
+    Total ``17 + 4 ceil(n / 1024) + ceil(n / 5)``.
+
+``rotate+ternary`` (id 5)::
+
+    13..16  chunk_size     uint32 (1024)
+    17..20  block_size     uint32 (1024)
+    21..28  rotation_seed  uint64
+
+    header 29 bytes; body: as ``ternary`` over the ``m = rotated_length(n)`` rotated elements.
+    Total ``29 + 4 ceil(m / 1024) + ceil(m / 5)``.
+
+``stc`` (id 6), sparse ternary (:mod:`fedge.compression.stc`)::
+
+    13      rice_bits     uint8, 0..62
+    14..21  k             uint64, kept entries
+    22..25  mu            float32, the magnitude every kept entry decodes to (finite, >= 0)
+    26..29  unary_bytes   uint32, length of the unary stream
+
+    header 30 bytes; body: the Rice unary stream (``unary_bytes``), the remainder stream
+    (``ceil(k * rice_bits / 8)`` bytes; both :mod:`fedge.compression.rice`), then one sign bit
+    per kept entry, set when negative (``ceil(k / 8)`` bytes). The size depends on where the
+    kept entries lie; :func:`max_payload_bytes` bounds it.
 
 Any other version is refused: the format changes only with a new version byte.
 """
@@ -54,11 +84,14 @@ import struct
 import numpy as np
 import numpy.typing as npt
 
-from fedge.compression import hadamard, qsgd, topk
+from fedge.compression import hadamard, qsgd, rice, stc, topk
 from fedge.compression.spec import (
     KIND_NONE,
     KIND_QSGD,
     KIND_ROTATE_QSGD,
+    KIND_ROTATE_TERNARY,
+    KIND_STC,
+    KIND_TERNARY,
     KIND_TOPK,
     CodecError,
     CodecSpec,
@@ -66,21 +99,37 @@ from fedge.compression.spec import (
 
 MAGIC = b"FGC"
 VERSION = 1
-CODEC_IDS = {KIND_NONE: 0, KIND_QSGD: 1, KIND_TOPK: 2, KIND_ROTATE_QSGD: 3}
+CODEC_IDS = {
+    KIND_NONE: 0,
+    KIND_QSGD: 1,
+    KIND_TOPK: 2,
+    KIND_ROTATE_QSGD: 3,
+    KIND_TERNARY: 4,
+    KIND_ROTATE_TERNARY: 5,
+    KIND_STC: 6,
+}
 CODEC_KIND_BY_ID = {v: k for k, v in CODEC_IDS.items()}
 
 _COMMON = struct.Struct("<3sBBQ")  # magic, version, codec id, n
 _QSGD = struct.Struct("<BI")  # num_bits, chunk_size
 _TOPK = struct.Struct("<BQ")  # index_format, k
-_ROTATE = struct.Struct("<BIQ")  # num_bits, chunk_size, rotation_seed
-HEADER_BYTES = {
-    KIND_NONE: _COMMON.size,
-    KIND_QSGD: _COMMON.size + _QSGD.size,
-    KIND_TOPK: _COMMON.size + _TOPK.size,
-    KIND_ROTATE_QSGD: _COMMON.size + _ROTATE.size,
+_ROTATE = struct.Struct("<BIIQ")  # num_bits, chunk_size, block_size, rotation_seed
+_TERNARY = struct.Struct("<I")  # chunk_size
+_ROTATE_TERNARY = struct.Struct("<IIQ")  # chunk_size, block_size, rotation_seed
+_STC = struct.Struct("<BQfI")  # rice_bits, k, mu, unary_bytes
+_FIELDS = {
+    KIND_NONE: struct.Struct(""),
+    KIND_QSGD: _QSGD,
+    KIND_TOPK: _TOPK,
+    KIND_ROTATE_QSGD: _ROTATE,
+    KIND_TERNARY: _TERNARY,
+    KIND_ROTATE_TERNARY: _ROTATE_TERNARY,
+    KIND_STC: _STC,
 }
+HEADER_BYTES = {kind: _COMMON.size + fields.size for kind, fields in _FIELDS.items()}
 BYTES_PER_FP32 = 4
 _MAX_U64 = (1 << 64) - 1
+_MAX_BLOCK = 1 << 20
 
 F32 = npt.NDArray[np.float32]
 
@@ -91,13 +140,17 @@ def _qsgd_body_bytes(num_elements: int, num_bits: int, chunk_size: int) -> int:
     )
 
 
+def _ternary_body_bytes(num_elements: int, chunk_size: int) -> int:
+    return BYTES_PER_FP32 * qsgd.num_chunks(num_elements, chunk_size) + qsgd.trit_bytes(num_elements)
+
+
 def payload_bytes(spec: CodecSpec, num_elements: int) -> int:
     """Length of ``encode(x, spec, ...)`` for ``x.size == num_elements`` (header + body).
 
     Parameters
     ----------
     spec : CodecSpec
-        The codec.
+        Any codec but ``stc``, whose size depends on the update (see :func:`max_payload_bytes`).
     num_elements : int
         Elements in the tensor.
 
@@ -105,18 +158,48 @@ def payload_bytes(spec: CodecSpec, num_elements: int) -> int:
     -------
     int
         Bytes, from the layout in the module docstring.
+
+    Raises
+    ------
+    CodecError
+        For ``stc``.
     """
     n = num_elements
+    header = HEADER_BYTES[spec.kind]
     if spec.kind == KIND_NONE:
-        return HEADER_BYTES[KIND_NONE] + BYTES_PER_FP32 * n
+        return header + BYTES_PER_FP32 * n
     if spec.kind == KIND_QSGD:
-        return HEADER_BYTES[KIND_QSGD] + _qsgd_body_bytes(n, spec.num_bits, qsgd.CHUNK_SIZE)
+        return header + _qsgd_body_bytes(n, spec.num_bits, qsgd.CHUNK_SIZE)
     if spec.kind == KIND_TOPK:
         k = topk.topk_count(n, spec.keep_fraction)
         fmt = topk.index_format(n, k)
-        return HEADER_BYTES[KIND_TOPK] + topk.index_bytes(fmt, n, k) + BYTES_PER_FP32 * k
-    m = hadamard.padded_length(n)
-    return HEADER_BYTES[KIND_ROTATE_QSGD] + _qsgd_body_bytes(m, spec.num_bits, qsgd.CHUNK_SIZE)
+        return header + topk.index_bytes(fmt, n, k) + BYTES_PER_FP32 * k
+    if spec.kind == KIND_ROTATE_QSGD:
+        m = hadamard.rotated_length(n)
+        return header + _qsgd_body_bytes(m, spec.num_bits, qsgd.CHUNK_SIZE)
+    if spec.kind == KIND_TERNARY:
+        return header + _ternary_body_bytes(n, qsgd.CHUNK_SIZE)
+    if spec.kind == KIND_ROTATE_TERNARY:
+        return header + _ternary_body_bytes(hadamard.rotated_length(n), qsgd.CHUNK_SIZE)
+    raise CodecError(f"{spec} payloads vary in size with the update; use max_payload_bytes for a bound")
+
+
+def max_payload_bytes(spec: CodecSpec, num_elements: int) -> int:
+    """The largest ``len(encode(x, spec, ...))`` for ``x.size == num_elements``.
+
+    Equal to :func:`payload_bytes` for the fixed-size codecs. For ``stc`` with
+    ``k = topk_count(n, keep_fraction)`` and ``b0 = floor(log2(n / k))``: the gaps between
+    kept positions sum to at most ``n - k``, so Rice parameter ``b0`` codes them in at most
+    ``ceil((k + (n - k) // 2**b0) / 8) + ceil(k b0 / 8)`` bytes, and the encoder's choice of
+    parameter is never longer; plus the 30-byte header and ``ceil(k / 8)`` sign bytes.
+    """
+    if spec.kind != KIND_STC:
+        return payload_bytes(spec, num_elements)
+    n = num_elements
+    k = topk.topk_count(n, spec.keep_fraction)
+    b0 = (n // k).bit_length() - 1 if k else 0
+    unary, remainders = rice.streams_bytes(k, b0, (n - k) >> b0)
+    return HEADER_BYTES[KIND_STC] + unary + remainders + stc.sign_bytes(k)
 
 
 def _as_finite_f32(x: npt.ArrayLike) -> F32:
@@ -124,6 +207,15 @@ def _as_finite_f32(x: npt.ArrayLike) -> F32:
     if not np.isfinite(flat).all():
         raise CodecError("update contains NaN or Inf (or overflows float32); fix training or clip it")
     return flat
+
+
+def _rotated(flat: F32, rotation_seed: int) -> F32:
+    if not 0 <= rotation_seed <= _MAX_U64:
+        raise CodecError(f"rotation_seed must be in 0..2**64-1, got {rotation_seed}")
+    rotated = hadamard.rotate(flat, rotation_seed)
+    if not np.isfinite(rotated).all():
+        raise CodecError("rotated update overflows float32; clip the update before encoding")
+    return rotated
 
 
 def encode(x: npt.ArrayLike, spec: CodecSpec, rng: np.random.Generator, *, rotation_seed: int = 0) -> bytes:
@@ -136,15 +228,17 @@ def encode(x: npt.ArrayLike, spec: CodecSpec, rng: np.random.Generator, *, rotat
     spec : CodecSpec
         The codec.
     rng : numpy.random.Generator
-        Randomness of stochastic rounding (``qsgd``, ``rotate+qsgd``); unused otherwise.
+        Randomness of stochastic rounding (``qsgd``, ``ternary`` and their rotated forms);
+        unused otherwise.
     rotation_seed : int, default 0
-        Seed of the rotation's signs for ``rotate+qsgd``, 0..2**64-1; written in the header.
-        Use a fresh seed per round (shared or not: the decoder reads it from the payload).
+        Seed of the rotation's signs for the ``rotate+`` codecs, 0..2**64-1; written in the
+        header. Use a fresh seed per round (shared or not: the decoder reads it from the
+        payload).
 
     Returns
     -------
     bytes
-        Header and body as documented in this module; ``len`` equals :func:`payload_bytes`.
+        Header and body as documented in this module.
 
     Raises
     ------
@@ -153,19 +247,16 @@ def encode(x: npt.ArrayLike, spec: CodecSpec, rng: np.random.Generator, *, rotat
     """
     flat = _as_finite_f32(x)
     n = flat.size
-    codec_id = CODEC_IDS[spec.kind]
-    common = _COMMON.pack(MAGIC, VERSION, codec_id, n)
+    common = _COMMON.pack(MAGIC, VERSION, CODEC_IDS[spec.kind], n)
+    chunk = qsgd.CHUNK_SIZE
+    block = hadamard.BLOCK_SIZE
     if spec.kind == KIND_NONE:
         return common + flat.astype("<f4").tobytes()
     if spec.kind == KIND_QSGD:
         scales, levels = qsgd.quantize(flat, spec.num_bits, rng)
+        fields = _QSGD.pack(spec.num_bits, chunk)
         return b"".join(
-            [
-                common,
-                _QSGD.pack(spec.num_bits, qsgd.CHUNK_SIZE),
-                scales.astype("<f4").tobytes(),
-                qsgd.pack_levels(levels, spec.num_bits),
-            ]
+            [common, fields, scales.astype("<f4").tobytes(), qsgd.pack_levels(levels, spec.num_bits)]
         )
     if spec.kind == KIND_TOPK:
         k = topk.topk_count(n, spec.keep_fraction)
@@ -179,20 +270,25 @@ def encode(x: npt.ArrayLike, spec: CodecSpec, rng: np.random.Generator, *, rotat
                 flat[indices].astype("<f4").tobytes(),
             ]
         )
-    if not 0 <= rotation_seed <= _MAX_U64:
-        raise CodecError(f"rotation_seed must be in 0..2**64-1, got {rotation_seed}")
-    rotated = hadamard.rotate(flat, rotation_seed)
-    if not np.isfinite(rotated).all():
-        raise CodecError("rotated update overflows float32; clip the update before encoding")
-    scales, levels = qsgd.quantize(rotated, spec.num_bits, rng)
-    return b"".join(
-        [
-            common,
-            _ROTATE.pack(spec.num_bits, qsgd.CHUNK_SIZE, rotation_seed),
-            scales.astype("<f4").tobytes(),
-            qsgd.pack_levels(levels, spec.num_bits),
-        ]
-    )
+    if spec.kind == KIND_ROTATE_QSGD:
+        scales, levels = qsgd.quantize(_rotated(flat, rotation_seed), spec.num_bits, rng)
+        fields = _ROTATE.pack(spec.num_bits, chunk, block, rotation_seed)
+        return b"".join(
+            [common, fields, scales.astype("<f4").tobytes(), qsgd.pack_levels(levels, spec.num_bits)]
+        )
+    if spec.kind == KIND_TERNARY:
+        scales, levels = qsgd.quantize_top(flat, qsgd.TERNARY_TOP, rng)
+        return b"".join(
+            [common, _TERNARY.pack(chunk), scales.astype("<f4").tobytes(), qsgd.pack_trits(levels)]
+        )
+    if spec.kind == KIND_ROTATE_TERNARY:
+        scales, levels = qsgd.quantize_top(_rotated(flat, rotation_seed), qsgd.TERNARY_TOP, rng)
+        fields = _ROTATE_TERNARY.pack(chunk, block, rotation_seed)
+        return b"".join([common, fields, scales.astype("<f4").tobytes(), qsgd.pack_trits(levels)])
+    positions, negative, mu = stc.sparsify(flat, spec.keep_fraction)
+    streams = rice.encode_positions(positions)
+    fields = _STC.pack(streams.rice_bits, positions.size, mu, len(streams.unary))
+    return b"".join([common, fields, streams.unary, streams.remainders, stc.pack_signs(negative)])
 
 
 def _check_length(payload: bytes, expected: int, kind: str) -> None:
@@ -207,21 +303,112 @@ def _check_length(payload: bytes, expected: int, kind: str) -> None:
         )
 
 
-def _decode_qsgd_body(payload: bytes, start: int, m: int, num_bits: int, chunk_size: int) -> F32:
-    rows = qsgd.num_chunks(m, chunk_size)
+def _scales(payload: bytes, start: int, rows: int) -> F32:
     scales = np.frombuffer(payload, dtype="<f4", count=rows, offset=start).astype(np.float32)
     if not (np.isfinite(scales).all() and (scales >= 0).all()):
-        raise CodecError("qsgd scales must be finite and >= 0; payload is corrupt")
-    packed = payload[start + BYTES_PER_FP32 * rows :]
-    levels = qsgd.unpack_levels(packed, m, num_bits)
+        raise CodecError("quantizer scales must be finite and >= 0; payload is corrupt")
+    return scales
+
+
+def _decode_qsgd_body(payload: bytes, start: int, m: int, num_bits: int, chunk_size: int) -> F32:
+    rows = qsgd.num_chunks(m, chunk_size)
+    scales = _scales(payload, start, rows)
+    levels = qsgd.unpack_levels(payload[start + BYTES_PER_FP32 * rows :], m, num_bits)
     return qsgd.dequantize(scales, levels, num_bits, chunk_size)
 
 
-def _check_bits_and_chunk(num_bits: int, chunk_size: int) -> None:
+def _decode_ternary_body(payload: bytes, start: int, m: int, chunk_size: int) -> F32:
+    rows = qsgd.num_chunks(m, chunk_size)
+    scales = _scales(payload, start, rows)
+    levels = qsgd.unpack_trits(payload[start + BYTES_PER_FP32 * rows :], m)
+    return qsgd.dequantize_top(scales, levels, qsgd.TERNARY_TOP, chunk_size)
+
+
+def _check_bits(num_bits: int) -> None:
     if not 1 <= num_bits <= 8:
         raise CodecError(f"header num_bits {num_bits} is outside 1..8; payload is corrupt")
+
+
+def _check_chunk(chunk_size: int) -> None:
     if chunk_size < 1:
         raise CodecError("header chunk_size is 0; payload is corrupt")
+
+
+def _check_block(block_size: int) -> None:
+    if not (0 < block_size <= _MAX_BLOCK and block_size & (block_size - 1) == 0):
+        raise CodecError(
+            f"header block_size {block_size} is not a power of two up to 2**20; payload is corrupt"
+        )
+
+
+def _decode_body(kind: str, payload: bytes, n: int) -> F32:
+    """The decoded flat update; ``payload``'s common header is already checked."""
+    header = HEADER_BYTES[kind]
+    if len(payload) < header:
+        _check_length(payload, header, kind)
+    fields = _FIELDS[kind].unpack_from(payload, _COMMON.size)
+    if kind == KIND_NONE:
+        _check_length(payload, header + BYTES_PER_FP32 * n, kind)
+        return np.frombuffer(payload, dtype="<f4", offset=header).astype(np.float32)
+    if kind == KIND_QSGD:
+        num_bits, chunk_size = fields
+        _check_bits(num_bits)
+        _check_chunk(chunk_size)
+        _check_length(payload, header + _qsgd_body_bytes(n, num_bits, chunk_size), kind)
+        return _decode_qsgd_body(payload, header, n, num_bits, chunk_size)
+    if kind == KIND_TOPK:
+        fmt, k = fields
+        if fmt not in topk.INDEX_FORMATS:
+            raise CodecError(f"unknown topk index format {fmt} in header; payload is corrupt")
+        if k > n:
+            raise CodecError(f"topk header says k={k} of only {n} elements; payload is corrupt")
+        if fmt == topk.INDEX_U16 and n > topk.U16_MAX_ELEMENTS:
+            raise CodecError(f"uint16 topk indices cannot address {n} elements; payload is corrupt")
+        idx_bytes = topk.index_bytes(fmt, n, k)
+        _check_length(payload, header + idx_bytes + BYTES_PER_FP32 * k, kind)
+        indices = topk.unpack_indices(payload[header : header + idx_bytes], n, k, fmt)
+        values = np.frombuffer(payload, dtype="<f4", count=k, offset=header + idx_bytes)
+        out = np.zeros(n, dtype=np.float32)
+        out[indices] = values
+        return out
+    if kind in (KIND_ROTATE_QSGD, KIND_ROTATE_TERNARY):
+        if kind == KIND_ROTATE_QSGD:
+            num_bits, chunk_size, block_size, seed = fields
+            _check_bits(num_bits)
+        else:
+            chunk_size, block_size, seed = fields
+        _check_chunk(chunk_size)
+        _check_block(block_size)
+        m = hadamard.rotated_length(n, block_size)
+        if kind == KIND_ROTATE_QSGD:
+            _check_length(payload, header + _qsgd_body_bytes(m, num_bits, chunk_size), kind)
+            rotated = _decode_qsgd_body(payload, header, m, num_bits, chunk_size)
+        else:
+            _check_length(payload, header + _ternary_body_bytes(m, chunk_size), kind)
+            rotated = _decode_ternary_body(payload, header, m, chunk_size)
+        return hadamard.unrotate(rotated, n, seed, block_size)
+    if kind == KIND_TERNARY:
+        (chunk_size,) = fields
+        _check_chunk(chunk_size)
+        _check_length(payload, header + _ternary_body_bytes(n, chunk_size), kind)
+        return _decode_ternary_body(payload, header, n, chunk_size)
+    rice_bits, k, mu, unary_bytes = fields
+    if k > n:
+        raise CodecError(f"stc header says k={k} of only {n} elements; payload is corrupt")
+    if not (math.isfinite(mu) and mu >= 0):
+        raise CodecError(f"stc magnitude {mu} must be finite and >= 0; payload is corrupt")
+    if not 0 <= rice_bits <= rice.MAX_RICE_BITS:
+        raise CodecError(
+            f"stc Rice parameter {rice_bits} is outside 0..{rice.MAX_RICE_BITS}; payload is corrupt"
+        )
+    _, remainder_bytes = rice.streams_bytes(k, rice_bits, 0)
+    _check_length(payload, header + unary_bytes + remainder_bytes + stc.sign_bytes(k), kind)
+    start = header + unary_bytes
+    positions = rice.decode_positions(
+        payload[header:start], payload[start : start + remainder_bytes], k, rice_bits, n
+    )
+    negative = stc.unpack_signs(payload[start + remainder_bytes :], k)
+    return stc.densify(positions, negative, mu, n)
 
 
 def decode(payload: bytes, shape: tuple[int, ...]) -> F32:
@@ -263,7 +450,6 @@ def decode(payload: bytes, shape: tuple[int, ...]) -> F32:
     if codec_id not in CODEC_KIND_BY_ID:
         known = ", ".join(f"{i} {k}" for i, k in CODEC_KIND_BY_ID.items())
         raise CodecError(f"unknown codec id {codec_id} in header (known: {known}); upgrade fedge")
-    kind = CODEC_KIND_BY_ID[codec_id]
     if any(int(d) < 0 for d in shape):
         raise CodecError(f"shape {shape} has a negative dimension")
     expected_n = math.prod(int(d) for d in shape)
@@ -272,38 +458,7 @@ def decode(payload: bytes, shape: tuple[int, ...]) -> F32:
             f"payload holds {n} elements but shape {tuple(shape)} has {expected_n}; "
             "decode with the shape the tensor was encoded from"
         )
-    header = HEADER_BYTES[kind]
-    if len(payload) < header:
-        _check_length(payload, header, kind)
-    if kind == KIND_NONE:
-        _check_length(payload, header + BYTES_PER_FP32 * n, kind)
-        out = np.frombuffer(payload, dtype="<f4", offset=header).astype(np.float32)
-    elif kind == KIND_QSGD:
-        num_bits, chunk_size = _QSGD.unpack_from(payload, _COMMON.size)
-        _check_bits_and_chunk(num_bits, chunk_size)
-        _check_length(payload, header + _qsgd_body_bytes(n, num_bits, chunk_size), kind)
-        out = _decode_qsgd_body(payload, header, n, num_bits, chunk_size)
-    elif kind == KIND_TOPK:
-        fmt, k = _TOPK.unpack_from(payload, _COMMON.size)
-        if fmt not in topk.INDEX_FORMATS:
-            raise CodecError(f"unknown topk index format {fmt} in header; payload is corrupt")
-        if k > n:
-            raise CodecError(f"topk header says k={k} of only {n} elements; payload is corrupt")
-        if fmt == topk.INDEX_U16 and n > topk.U16_MAX_ELEMENTS:
-            raise CodecError(f"uint16 topk indices cannot address {n} elements; payload is corrupt")
-        idx_bytes = topk.index_bytes(fmt, n, k)
-        _check_length(payload, header + idx_bytes + BYTES_PER_FP32 * k, kind)
-        indices = topk.unpack_indices(payload[header : header + idx_bytes], n, k, fmt)
-        values = np.frombuffer(payload, dtype="<f4", count=k, offset=header + idx_bytes)
-        out = np.zeros(n, dtype=np.float32)
-        out[indices] = values
-    else:
-        num_bits, chunk_size, seed = _ROTATE.unpack_from(payload, _COMMON.size)
-        _check_bits_and_chunk(num_bits, chunk_size)
-        m = hadamard.padded_length(n)
-        _check_length(payload, header + _qsgd_body_bytes(m, num_bits, chunk_size), kind)
-        rotated = _decode_qsgd_body(payload, header, m, num_bits, chunk_size)
-        out = hadamard.unrotate(rotated, n, seed)
+    out = _decode_body(CODEC_KIND_BY_ID[codec_id], payload, n)
     return out.reshape(tuple(int(d) for d in shape))
 
 

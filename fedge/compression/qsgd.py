@@ -17,9 +17,16 @@ so ``E[q] = v`` and ``E[x_hat] = x`` (unbiased). The step between levels is ``2 
 is stochastic sign quantization (``x_hat`` is ``-m`` or ``+m``). A chunk of zeros has ``m = 0``
 and decodes to exactly 0.
 
+Ternary (TernGrad: Wen et al., "TernGrad: Ternary Gradients to Reduce Communication in
+Distributed Deep Learning", NeurIPS 2017) is the same scheme with ``L = 2``: levels 0, 1, 2
+decode to ``-m, 0, +m``, so ``|x - x_hat| < m`` and ``Var[x_hat] = |x| (m - |x|)``, far below
+1-bit's ``m**2 - x**2`` for the many small entries of an update. Five levels fit in a byte
+(``3**5 = 243``): ``ceil(n / 5)`` bytes, 1.6 bits an element (:func:`pack_trits`).
+
 Secure aggregation
 ------------------
-Levels are unsigned integers in ``[0, L] = [0, 2**num_bits - 1]``. A sum over ``N`` clients
+Levels are unsigned integers in ``[0, L] = [0, 2**num_bits - 1]`` (ternary: ``[0, 2]``, a
+subset of the 2-bit levels, so it uses the 2-bit modulus). A sum over ``N`` clients
 lies in ``[0, N * L]``, and ``N * L < 2**(num_bits + ceil(log2(N)))``, so the secagg modulus
 ``2**(num_bits + ceil(log2(N)))`` (``ceil(log2(N))`` headroom bits; :func:`secagg_sum_bits`)
 recovers the sum exactly from its residue. The sum is linear in the levels only when every
@@ -66,9 +73,14 @@ def packed_bytes(num_elements: int, num_bits: int) -> int:
     return -(-num_elements * num_bits // 8)
 
 
-def _stochastic_levels(x2d: F32, scale: F32, num_bits: int, rng: np.random.Generator) -> U8:
-    """Levels of a ``(rows, cols)`` array with one scale per row (scale 0 -> any level, decodes to 0)."""
-    top = num_levels(num_bits)
+TERNARY_TOP = 2  # L for ternary levels 0, 1, 2
+_TRITS_PER_BYTE = 5
+_TRIT_WEIGHTS = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
+_MAX_TRIT_BYTE = 242  # 3**5 - 1
+
+
+def _stochastic_levels(x2d: F32, scale: F32, top: int, rng: np.random.Generator) -> U8:
+    """Levels ``0..top`` of a ``(rows, cols)`` array with one scale per row (scale 0 -> decodes to 0)."""
     safe = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
     v = x2d / safe[:, None]
     v += np.float32(1.0)
@@ -81,14 +93,22 @@ def _stochastic_levels(x2d: F32, scale: F32, num_bits: int, rng: np.random.Gener
 
 
 def quantize(x: F32, num_bits: int, rng: np.random.Generator, chunk_size: int = CHUNK_SIZE) -> tuple[F32, U8]:
-    """Quantize a flat float32 vector with one max-abs scale per chunk.
+    """Quantize a flat float32 vector to ``num_bits`` per element, one max-abs scale per chunk.
+
+    As :func:`quantize_top` with ``top = 2**num_bits - 1``.
+    """
+    return quantize_top(x, num_levels(num_bits), rng, chunk_size)
+
+
+def quantize_top(x: F32, top: int, rng: np.random.Generator, chunk_size: int = CHUNK_SIZE) -> tuple[F32, U8]:
+    """Quantize a flat float32 vector to levels ``0..top`` with one max-abs scale per chunk.
 
     Parameters
     ----------
     x : ndarray of float32, shape (n,)
         Finite values.
-    num_bits : int
-        Bits per level, 1..8.
+    top : int
+        The largest level ``L``: ``2**num_bits - 1``, or 2 for ternary.
     rng : numpy.random.Generator
         Source of the rounding uniforms (``num_chunks * chunk_size`` float32 draws).
     chunk_size : int, default 1024
@@ -99,7 +119,7 @@ def quantize(x: F32, num_bits: int, rng: np.random.Generator, chunk_size: int = 
     scales : ndarray of float32, shape (ceil(n / chunk_size),)
         ``max |x|`` of each chunk.
     levels : ndarray of uint8, shape (n,)
-        Levels in ``0..2**num_bits - 1``.
+        Levels in ``0..top``.
     """
     n = x.size
     rows = num_chunks(n, chunk_size)
@@ -107,17 +127,22 @@ def quantize(x: F32, num_bits: int, rng: np.random.Generator, chunk_size: int = 
     padded[:n] = x
     x2d = padded.reshape(rows, chunk_size)
     scales = np.abs(x2d).max(axis=1) if rows else np.zeros(0, dtype=np.float32)
-    levels = _stochastic_levels(x2d, scales.astype(np.float32), num_bits, rng)
+    levels = _stochastic_levels(x2d, scales.astype(np.float32), top, rng)
     return scales.astype(np.float32), levels.reshape(-1)[:n]
 
 
 def dequantize(scales: F32, levels: U8, num_bits: int, chunk_size: int = CHUNK_SIZE) -> F32:
     """Inverse of :func:`quantize`: ``x_hat = m * (q * 2 / L - 1)``, float32, shape (n,)."""
+    return dequantize_top(scales, levels, num_levels(num_bits), chunk_size)
+
+
+def dequantize_top(scales: F32, levels: U8, top: int, chunk_size: int = CHUNK_SIZE) -> F32:
+    """Inverse of :func:`quantize_top`: ``x_hat = m * (q * 2 / top - 1)``, float32, shape (n,)."""
     n = levels.size
     rows = scales.size
     t = np.zeros(rows * chunk_size, dtype=np.float32)
     t[:n] = levels
-    t *= np.float32(2.0 / num_levels(num_bits))
+    t *= np.float32(2.0 / top)
     t -= np.float32(1.0)
     t2d = t.reshape(rows, chunk_size)
     t2d *= scales[:, None]
@@ -169,6 +194,42 @@ def unpack_levels(data: bytes, num_elements: int, num_bits: int) -> U8:
     return levels[:n]
 
 
+def trit_bytes(num_elements: int) -> int:
+    """Bytes of packed ternary levels: ``ceil(num_elements / 5)``."""
+    return -(-num_elements // _TRITS_PER_BYTE)
+
+
+def pack_trits(levels: U8) -> bytes:
+    """Pack levels 0..2, five to a byte: ``byte = q0 + 3 q1 + 9 q2 + 27 q3 + 81 q4``.
+
+    Element ``i`` is digit ``i % 5`` (least significant first) of byte ``i // 5``; the
+    digits past the last element are 0.
+    """
+    n = levels.size
+    groups = trit_bytes(n)
+    padded = np.zeros(groups * _TRITS_PER_BYTE, dtype=np.uint8)
+    padded[:n] = levels
+    return (padded.reshape(groups, _TRITS_PER_BYTE) @ _TRIT_WEIGHTS).astype(np.uint8).tobytes()
+
+
+def unpack_trits(data: bytes, num_elements: int) -> U8:
+    """Inverse of :func:`pack_trits`; ``data`` must hold exactly ``ceil(n / 5)`` bytes.
+
+    Raises
+    ------
+    CodecError
+        When a byte exceeds 242 (``3**5 - 1``) or the digits past the last element are not 0.
+    """
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if raw.size and int(raw.max()) > _MAX_TRIT_BYTE:
+        raise CodecError(f"packed ternary byte {int(raw.max())} exceeds 242; payload is corrupt")
+    digits = (raw[:, None] // _TRIT_WEIGHTS[None, :]) % 3
+    levels = digits.astype(np.uint8).reshape(-1)
+    if np.any(levels[num_elements:]):
+        raise CodecError("packed ternary levels have nonzero padding past the end; payload is corrupt")
+    return levels[:num_elements]
+
+
 def secagg_sum_bits(num_bits: int, num_clients: int) -> int:
     """Bits of the secagg modulus for a sum of levels: ``num_bits + ceil(log2(num_clients))``.
 
@@ -214,7 +275,7 @@ def quantize_levels(x: F32, num_bits: int, clip_value: float, rng: np.random.Gen
     if flat.size and float(np.abs(flat).max()) > clip_value:
         raise CodecError(f"update exceeds clip_value {clip_value}; clip it to the shared scale first")
     scale = np.full(1, clip_value, dtype=np.float32)
-    return _stochastic_levels(flat.reshape(1, -1), scale, num_bits, rng).reshape(-1)
+    return _stochastic_levels(flat.reshape(1, -1), scale, num_levels(num_bits), rng).reshape(-1)
 
 
 def dequantize_level_sum(

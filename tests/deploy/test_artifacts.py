@@ -24,8 +24,8 @@ from fedge.deploy.artifacts import (
     verify_artifact,
     verify_signature,
     write_artifact,
-    write_bytes_atomic,
 )
+from fedge.files import write_bytes_atomic
 
 GOLDEN = Path(__file__).parent / "golden"
 

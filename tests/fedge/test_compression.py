@@ -15,17 +15,34 @@ from fedge.compression import (
     decode,
     dequantize_level_sum,
     encode,
+    max_payload_bytes,
     parse_codec,
     payload_bytes,
     quantize_levels,
+    require_secagg_compatible,
+    rice,
     secagg_compatible,
     secagg_sum_bits,
     with_error_feedback,
 )
-from fedge.compression.hadamard import fwht, rotate, unrotate
-from fedge.compression.qsgd import pack_levels, unpack_levels
+from fedge.compression.hadamard import fwht, rotate, rotated_length, unrotate
+from fedge.compression.qsgd import pack_levels, pack_trits, unpack_levels, unpack_trits
 
-ALL_CODECS = ["none", "qsgd:1", "qsgd:2", "qsgd:3", "qsgd:4", "qsgd:8", "topk:0.1", "topk:1", "rotate+qsgd:2"]
+ALL_CODECS = [
+    "none",
+    "qsgd:1",
+    "qsgd:2",
+    "qsgd:3",
+    "qsgd:4",
+    "qsgd:8",
+    "topk:0.1",
+    "topk:1",
+    "rotate+qsgd:2",
+    "ternary",
+    "rotate+ternary",
+    "stc:0.1",
+    "stc:1",
+]
 SMALL = np.array([0.5, -1.0, 0.25, 2.0, -0.125], dtype=np.float32)
 
 
@@ -51,6 +68,9 @@ def _one_line(excinfo: pytest.ExceptionInfo[CodecError]) -> str:
         ("qsgd:4", CodecSpec("qsgd", num_bits=4)),
         (" topk:0.01 ", CodecSpec("topk", keep_fraction=0.01)),
         ("rotate+qsgd:2", CodecSpec("rotate+qsgd", num_bits=2)),
+        ("ternary", CodecSpec("ternary")),
+        ("rotate+ternary", CodecSpec("rotate+ternary")),
+        ("stc:0.1", CodecSpec("stc", keep_fraction=0.1)),
     ],
 )
 def test_parse_codec_valid_forms(text: str, spec: CodecSpec) -> None:
@@ -59,7 +79,21 @@ def test_parse_codec_valid_forms(text: str, spec: CodecSpec) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["qsgd:0", "qsgd:9", "topk:0", "topk:1.5", "zip", "topk:nan", "qsgd", "none:1", "qsgd:4.0", ""]
+    "text",
+    [
+        "qsgd:0",
+        "qsgd:9",
+        "topk:0",
+        "topk:1.5",
+        "zip",
+        "topk:nan",
+        "qsgd",
+        "none:1",
+        "qsgd:4.0",
+        "",
+        "ternary:2",
+        "stc",
+    ],
 )
 def test_parse_codec_refuses_bad_text_listing_valid_forms(text: str) -> None:
     with pytest.raises(CodecError) as excinfo:
@@ -130,7 +164,8 @@ def test_rotate_qsgd_error_norm_bound() -> None:
         out = decode(
             encode(x, CodecSpec("rotate+qsgd", num_bits=num_bits), np.random.default_rng(0)), x.shape
         )
-        m = 4096
+        m = rotated_length(3000)  # 2 blocks of 1024, the 952-element tail padded to 1024
+        assert m == 3072
         bound = math.sqrt(m) * 2 * float(np.linalg.norm(x)) / (2**num_bits - 1)
         assert float(np.linalg.norm(out - x)) <= bound
 
@@ -153,7 +188,7 @@ def test_encode_never_mutates_its_input_and_is_seed_deterministic(text: str) -> 
     b = encode(x, spec, np.random.default_rng(11), rotation_seed=5)
     np.testing.assert_array_equal(x, before)
     assert a == b
-    if spec.kind in ("qsgd", "rotate+qsgd"):
+    if spec.kind in ("qsgd", "rotate+qsgd", "ternary", "rotate+ternary"):
         assert encode(x, spec, np.random.default_rng(12), rotation_seed=5) != a
 
 
@@ -201,11 +236,15 @@ def test_fwht_equals_the_sylvester_matrix(m: int) -> None:
     np.testing.assert_allclose(fwht(v), h @ v.astype(np.float64), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("n", [1, 5, 1000, 4096, 70_000])
-def test_rotation_is_orthonormal_and_invertible(n: int) -> None:
+@pytest.mark.parametrize(
+    ("n", "m"),
+    # whole 1024-blocks, then the tail padded to a power of two: 70,000 = 68 * 1024 + 368 -> 512
+    [(1, 1), (5, 8), (1000, 1024), (4096, 4096), (70_000, 68 * 1024 + 512)],
+)
+def test_rotation_is_orthonormal_and_invertible(n: int, m: int) -> None:
     x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
     y = rotate(x, rotation_seed=123)
-    assert y.size == (1 << (n - 1).bit_length() if n > 1 else 1)
+    assert y.size == m == rotated_length(n)
     assert abs(np.linalg.norm(y) - np.linalg.norm(x)) <= 1e-5 * np.linalg.norm(x)
     np.testing.assert_allclose(unrotate(y, n, rotation_seed=123), x, atol=1e-5)
     assert not np.allclose(unrotate(y, n, rotation_seed=124), x, atol=1e-2)
@@ -258,8 +297,17 @@ GOLDEN = {  # bytes.fromhex skips the spaces that separate the fields
     "qsgd:3": "464743 01 01 0500000000000000 03 00040000 00000040 153f",
     # bitmap format 2 | k = 2 | bitmap 0b00001010 (elements 1 and 3) | values -1.0, 2.0
     "topk:0.4": "464743 01 02 0500000000000000 02 0200000000000000 0a 000080bf 00000040",
-    # num_bits 2 | chunk 1024 | seed 7 | one scale over m = 8 | 8 levels in 2 bytes
-    "rotate+qsgd:2": "464743 01 03 0500000000000000 02 00040000 0700000000000000 cb5caf3f 9793",
+    # num_bits 2 | chunk 1024 | block 1024 | seed 7 | one scale over m = 8 | 8 levels in 2 bytes
+    "rotate+qsgd:2": "464743 01 03 0500000000000000 02 00040000 00040000 0700000000000000 cb5caf3f 9793",
+    # chunk 1024 | scale 2.0 | v = x / 2 + 1 plus default_rng(0)'s first uniforms (0.851,
+    # 0.637, 0.511, 0.270, 0.308) floors to levels 2,1,1,2,1 -> 2 + 3 + 9 + 2*27 + 81 = 0x95
+    "ternary": "464743 01 04 0500000000000000 00040000 00000040 95",
+    # chunk 1024 | block 1024 | seed 7 | one scale over m = 8 | levels 2,1,1,1,2 | 0,0,1 -> cb 09
+    "rotate+ternary": "464743 01 05 0500000000000000 00040000 00040000 0700000000000000 cb5caf3f cb09",
+    # k = ceil(0.4 * 5) = 2: positions 1 and 3 (|-1|, |2|), gaps 1 and 1. Rice b = 0 costs 1 byte
+    # (unary 1,0,1,0 = 0x05), b = 1 costs 2. | mu = (1 + 2) / 2 = 1.5 | unary_bytes 1 |
+    # signs: -1 negative (bit 0), 2 positive -> 0x01
+    "stc:0.4": "464743 01 06 0500000000000000 00 0200000000000000 0000c03f 01000000 05 01",
 }
 
 
@@ -288,7 +336,11 @@ def test_golden_qsgd_levels_decode_to_closed_form() -> None:
         ("topk:0.01", 1_000_000, 22 + 10_000 * 4 + 10_000 * 4),  # uint32 indices + fp32 values
         ("topk:0.01", 50_000, 22 + 500 * 2 + 500 * 4),  # uint16 indices
         ("topk:0.5", 50_000, 22 + 50_000 // 8 + 25_000 * 4),  # bitmap is cheaper than 50 kB of uint16
-        ("rotate+qsgd:2", 1_000_000, 26 + 4 * 1024 + 2**20 * 2 // 8),  # padded to 2**20
+        # 976 whole blocks + a 576-element tail padded to 1024: m = 1,000,448
+        ("rotate+qsgd:2", 1_000_000, 30 + 4 * 977 + 1_000_448 * 2 // 8),
+        ("ternary", 1_000_000, 17 + 4 * 977 + 200_000),  # five levels a byte
+        ("ternary", 1001, 17 + 4 + 201),
+        ("rotate+ternary", 1001, 29 + 4 + 205),  # m = 1024
     ],
 )
 def test_payload_size_matches_the_layout(text: str, n: int, expected: int) -> None:
@@ -393,10 +445,16 @@ def test_corrupt_codec_fields_are_refused() -> None:
 
 
 def test_secagg_compatibility() -> None:
-    assert secagg_compatible(parse_codec("qsgd:4"))
-    assert secagg_compatible(parse_codec("rotate+qsgd:2"))
-    assert secagg_compatible(parse_codec("none"))
-    assert not secagg_compatible(parse_codec("topk:0.01"))
+    for text in ("qsgd:4", "rotate+qsgd:2", "none", "ternary", "rotate+ternary"):
+        assert secagg_compatible(parse_codec(text))
+        require_secagg_compatible(parse_codec(text))
+    for text in ("topk:0.01", "stc:0.1"):
+        assert not secagg_compatible(parse_codec(text))
+        with pytest.raises(CodecError) as excinfo:
+            require_secagg_compatible(parse_codec(text))
+        message = _one_line(excinfo)
+        assert f"compression '{text}' cannot run under secure aggregation" in message
+        assert "use qsgd:BITS" in message
 
 
 @pytest.mark.parametrize(
@@ -449,3 +507,169 @@ def test_throughput_report() -> None:
             print(
                 f"{text:>14}: encode+decode {megabytes / best:7.0f} MB/s of fp32 input ({best * 1e3:.1f} ms)"
             )
+
+
+# --- ternary ----------------------------------------------------------------------------------
+
+
+def test_ternary_error_below_the_chunk_scale() -> None:
+    # Levels -m, 0, +m: each element lands on one of the two levels around it, |x - x_hat| < m.
+    x = _spiky(2500, 6)
+    out = decode(encode(x, parse_codec("ternary"), np.random.default_rng(0)), x.shape)
+    chunk_max = np.repeat([np.abs(x[i : i + 1024]).max() for i in range(0, 2500, 1024)], 1024)[:2500]
+    assert np.all(np.abs(out - x) <= chunk_max * (1 + 1e-6))
+    assert set(np.unique(np.round(out / chunk_max, 5))) <= {-1.0, 0.0, 1.0}
+
+
+def test_ternary_is_unbiased_with_its_variance() -> None:
+    # Var[x_hat_i] = |x_i| (m - |x_i|) <= m**2 / 4; the mean of T draws is within 5 sigma.
+    # (No spike here: a Bernoulli with p = 1e-4 is too skewed for a normal-theory bound.)
+    x = np.random.default_rng(10).standard_normal(64).astype(np.float32)
+    draws = 2000
+    rng = np.random.default_rng(99)
+    spec = parse_codec("ternary")
+    samples = np.stack([decode(encode(x, spec, rng), x.shape) for _ in range(draws)]).astype(np.float64)
+    m = float(np.abs(x).max())
+    variance = np.abs(x) * (m - np.abs(x))
+    assert np.all(np.abs(samples.mean(axis=0) - x) <= 5 * np.sqrt(variance / draws) + 1e-6)
+    np.testing.assert_allclose(samples.var(axis=0), variance, rtol=0.2, atol=1e-3 * m**2)
+
+
+def test_rotate_ternary_is_unbiased_for_a_fixed_rotation() -> None:
+    x = _spiky(100, 4)
+    draws = 2000
+    rng = np.random.default_rng(78)
+    spec = parse_codec("rotate+ternary")
+    total = np.zeros(100, dtype=np.float64)
+    for _ in range(draws):
+        total += decode(encode(x, spec, rng, rotation_seed=3), x.shape)
+    # Each rotated coordinate has variance <= m**2 / 4 with m <= ||x||; R^T keeps that bound.
+    tolerance = 5 * (float(np.linalg.norm(x)) / 2) / math.sqrt(draws)
+    assert np.all(np.abs(total / draws - x) <= tolerance)
+
+
+def test_trit_packing_matches_a_base3_reference() -> None:
+    levels = np.random.default_rng(4).integers(0, 3, size=23, dtype=np.uint8)
+    padded = [*levels.tolist(), 0, 0]  # 23 levels -> 5 bytes, 2 padding digits
+    reference = bytes(sum(padded[i + j] * 3**j for j in range(5)) for i in range(0, 25, 5))
+    assert pack_trits(levels) == reference
+    np.testing.assert_array_equal(unpack_trits(reference, 23), levels)
+    with pytest.raises(CodecError, match="exceeds 242"):
+        unpack_trits(b"\xf3", 5)
+    with pytest.raises(CodecError, match="padding"):
+        unpack_trits(bytes([1 + 2 * 81]), 4)  # a digit past the 4th element
+
+
+# --- stc and Rice coding --------------------------------------------------------------------
+
+
+def test_stc_is_sign_times_mean_magnitude_on_the_top_k() -> None:
+    x = np.random.default_rng(12).standard_normal(1000).astype(np.float32)
+    out = decode(encode(x, parse_codec("stc:0.05"), np.random.default_rng(0)), x.shape)
+    top = np.argsort(-np.abs(x))[:50]  # k = ceil(0.05 * 1000)
+    mu = np.float32(np.abs(x[top]).mean())
+    expected = np.zeros(1000, dtype=np.float32)
+    expected[top] = np.sign(x[top]) * mu
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    # Contractive, in closed form: ||x - C(x)||^2 = ||x||^2 - k mu^2.
+    residual = float(np.sum((x.astype(np.float64) - out) ** 2))
+    assert residual == pytest.approx(float(np.sum(x.astype(np.float64) ** 2)) - 50 * float(mu) ** 2, rel=1e-5)
+
+
+def _rice_reference(positions: list[int], b: int) -> tuple[bytes, bytes]:
+    """Slow, obviously-right Rice streams: a Python bit list per stream."""
+    unary: list[int] = []
+    remainders: list[int] = []
+    previous = -1
+    for p in positions:
+        gap = p - previous - 1
+        previous = p
+        unary += [1] * (gap >> b) + [0]
+        remainders += [(gap >> j) & 1 for j in range(b)]
+
+    def pack(bits: list[int]) -> bytes:
+        bits = bits + [0] * (-len(bits) % 8)
+        return bytes(sum(bits[i + j] << j for j in range(8)) for i in range(0, len(bits), 8))
+
+    return pack(unary), pack(remainders)
+
+
+@pytest.mark.parametrize(("n", "k"), [(1000, 1), (1000, 37), (50_176, 5018), (3, 3), (100_000, 200)])
+def test_rice_streams_match_a_bitwise_reference_and_round_trip(n: int, k: int) -> None:
+    positions = np.sort(np.random.default_rng(n + k).choice(n, size=k, replace=False)).astype(np.int64)
+    streams = rice.encode_positions(positions)
+    assert (streams.unary, streams.remainders) == _rice_reference(positions.tolist(), streams.rice_bits)
+    # The chosen parameter is the best one, by brute force over the reference.
+    sizes = {b: sum(len(s) for s in _rice_reference(positions.tolist(), b)) for b in range(20)}
+    assert len(streams.unary) + len(streams.remainders) == min(sizes.values())
+    decoded = rice.decode_positions(streams.unary, streams.remainders, k, streams.rice_bits, n)
+    np.testing.assert_array_equal(decoded, positions)
+
+
+def test_rice_refuses_corrupt_streams() -> None:
+    positions = np.array([3, 10, 11, 40], dtype=np.int64)
+    s = rice.encode_positions(positions)
+    with pytest.raises(CodecError, match="fewer than 4 positions"):
+        rice.decode_positions(b"\xff" * len(s.unary), s.remainders, 4, s.rice_bits, 50)
+    with pytest.raises(CodecError, match="extra bytes or nonzero padding"):
+        rice.decode_positions(s.unary + b"\x00", s.remainders, 4, s.rice_bits, 50)
+    with pytest.raises(CodecError, match=r"not below 40|reaches past 40"):
+        rice.decode_positions(s.unary, s.remainders, 4, s.rice_bits, 40)
+    with pytest.raises(CodecError, match="wrong length"):
+        rice.decode_positions(s.unary, s.remainders + b"\x00", 4, s.rice_bits, 50)
+
+
+@pytest.mark.parametrize(
+    ("n", "fraction"), [(50_176, 0.1), (50_176, 0.01), (1_000_000, 0.001), (72, 0.1), (8, 0.1)]
+)
+def test_stc_size_is_its_layout_and_within_the_bound(n: int, fraction: float) -> None:
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    spec = parse_codec(f"stc:{fraction}")
+    payload = encode(x, spec, np.random.default_rng(0))
+    k = max(1, math.ceil(fraction * n))
+    positions = np.sort(np.argsort(-np.abs(x))[:k])
+    b = payload[13]
+    unary, remainders = _rice_reference(positions.tolist(), b)
+    assert len(payload) == 30 + len(unary) + len(remainders) + math.ceil(k / 8)
+    assert len(payload) <= max_payload_bytes(spec, n)
+    if k >= 100:  # byte rounding aside, a kept entry costs about log2(n / k) + 3 bits
+        assert 8 * (len(payload) - 30) / k <= math.log2(n / k) + 3.5
+    with pytest.raises(CodecError, match="vary in size"):
+        payload_bytes(spec, n)
+
+
+def test_corrupt_ternary_rotation_and_stc_fields_are_refused() -> None:
+    ternary = bytearray(_valid("ternary"))
+    ternary[-1] = 250  # not a base-3 byte
+    with pytest.raises(CodecError, match="exceeds 242"):
+        decode(bytes(ternary), (40,))
+    rotated = bytearray(_valid("rotate+ternary"))
+    rotated[17:21] = struct.pack("<I", 1000)  # block size not a power of two
+    with pytest.raises(CodecError, match="not a power of two"):
+        decode(bytes(rotated), (40,))
+    sparse = _valid("stc:0.1")
+    nan_mu = sparse[:22] + struct.pack("<f", math.nan) + sparse[26:]
+    with pytest.raises(CodecError, match="magnitude nan"):
+        decode(nan_mu, (40,))
+    too_many = sparse[:14] + struct.pack("<Q", 41) + sparse[22:]
+    with pytest.raises(CodecError, match="k=41 of only 40"):
+        decode(too_many, (40,))
+    signs = bytearray(sparse)
+    signs[-1] |= 0x80  # a sign bit past the 4 kept entries
+    with pytest.raises(CodecError, match="sign bits have nonzero padding"):
+        decode(bytes(signs), (40,))
+
+
+@pytest.mark.parametrize("text", ["stc:0.05", "ternary", "rotate+ternary"])
+def test_error_feedback_telescopes_for_the_new_codecs(text: str) -> None:
+    spec = parse_codec(text)
+    data_rng, codec_rng = np.random.default_rng(41), np.random.default_rng(42)
+    residual = np.zeros((30, 100), dtype=np.float32)
+    sent = np.zeros((30, 100), dtype=np.float64)
+    truth = np.zeros((30, 100), dtype=np.float64)
+    for server_round in range(1, 21):
+        update = data_rng.standard_normal((30, 100)).astype(np.float32)
+        payload, residual = with_error_feedback(update, residual, spec, codec_rng, rotation_seed=server_round)
+        sent += decode(payload, update.shape)
+        truth += update
+    assert np.linalg.norm(sent + residual - truth) <= 1e-4 * np.linalg.norm(truth)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import io
+import math
+import struct
 import time
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+
+from fedge.client.mods import compression_mod, fp16_downlink_mod
+from fedge.compression import encode, parse_codec
+from fedge.update_records import CODEC_STYPE
 
 # Partition k sends every weight = VALUE[k] with NUM_EXAMPLES[k] examples.
 VALUES = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]
@@ -97,3 +103,59 @@ def hanging_train(msg: Message, context: Context) -> Message:
     if int(context.node_config["partition-id"]) == 1:
         time.sleep(600)
     return constant_train(msg, context)
+
+
+# constant_app's replies, compressed by fedge's own client mods (the codec comes with the
+# round config), so the server's decoding can be checked against closed forms.
+compressing_app = ClientApp(mods=[fp16_downlink_mod, compression_mod])
+compressing_app.train()(constant_train)
+
+
+def _codec_array(a: np.ndarray, payload: bytes, *, dtype: str = "float32") -> Array:
+    return Array(dtype=dtype, shape=tuple(a.shape), stype=CODEC_STYPE, data=payload)
+
+
+def _bad_payloads(ref: dict[str, np.ndarray], k: int) -> dict[str, Array]:
+    """Partition k's malformed update: each a different way a payload can be wrong."""
+    rng = np.random.default_rng(k)
+    good = {name: encode(np.ones(a.size, np.float32), parse_codec("qsgd:4"), rng) for name, a in ref.items()}
+    if k == 2:  # truncated in transit
+        return {name: _codec_array(ref[name], p[: len(p) // 2]) for name, p in good.items()}
+    if k == 3:  # extra bytes after the body
+        return {name: _codec_array(ref[name], p + b"\x00") for name, p in good.items()}
+    if k == 4:  # a header version from the future
+        return {name: _codec_array(ref[name], p[:3] + b"\x02" + p[4:]) for name, p in good.items()}
+    if k == 5:  # an unknown codec id
+        return {name: _codec_array(ref[name], p[:4] + b"\x09" + p[5:]) for name, p in good.items()}
+    if k == 6:  # NaN in an uncompressed ("none" codec) update
+        nan = parse_codec("none")
+        return {
+            name: _codec_array(a, encode(np.zeros(a.size), nan, rng)[:-4] + struct.pack("<f", math.nan))
+            for name, a in ref.items()
+        }
+    if k == 7:  # Inf as a qsgd scale
+        return {
+            name: _codec_array(ref[name], p[:18] + struct.pack("<f", math.inf) + p[22:])
+            for name, p in good.items()
+        }
+    if k == 8:  # the element count of another tensor
+        other = encode(np.ones(3, np.float32), parse_codec("qsgd:4"), rng)
+        return {name: _codec_array(a, other) for name, a in ref.items()}
+    # k == 9: declares float16 around a float32 payload
+    return {name: _codec_array(ref[name], p, dtype="float16") for name, p in good.items()}
+
+
+bad_payload_app = ClientApp(mods=[fp16_downlink_mod, compression_mod])
+
+
+@bad_payload_app.train()
+def bad_payload_train(msg: Message, context: Context) -> Message:
+    """Partitions 0 and 1 train like constant_app (compressed by the mod); 2..9 send bad payloads."""
+    k = int(context.node_config["partition-id"])
+    if k < 2:
+        return constant_train(msg, context)
+    ref = {name: a.numpy() for name, a in msg.content.array_records["arrays"].items()}
+    content = RecordDict(
+        {"arrays": ArrayRecord(_bad_payloads(ref, k)), "metrics": MetricRecord({"num-examples": 5})}
+    )
+    return Message(content, reply_to=msg)

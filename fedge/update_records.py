@@ -1,0 +1,212 @@
+"""Compressed model updates and fp16 models inside Flower records (no pickle).
+
+A compressed update travels in the reply's ``ArrayRecord`` under the model's own tensor
+names, one :class:`flwr.app.Array` per tensor, whose fields say what it is::
+
+    Array(dtype="float32", shape=<the tensor's shape>, stype=CODEC_STYPE, data=<codec payload>)
+
+``data`` is the payload of :func:`fedge.compression.encode` (its versioned header names the
+codec, so the server needs no side channel to decode it) applied to the tensor's *update*
+``local - global``, where ``global`` is the model as the client received it. The server adds
+the decoded update to the global model it sent (kept in fp32 on the server, so an fp16
+downlink's rounding never accumulates in the global model) and hands strategies the
+reconstructed local weights, so every Flower strategy aggregates compressed updates as it
+would plain ones. Tensors that are not float32 travel as plain numpy Arrays.
+
+An fp16 downlink is plain Flower: the global model's float32 tensors become float16 numpy
+Arrays (a tensor with a value beyond float16's range stays float32), and the client widens
+them back to float32 before it trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from fedge.compression import CodecError, CodecSpec, decode, encode, with_error_feedback
+
+# Array.stype of a tensor whose bytes are a fedge codec payload (fedge.compression.codec).
+CODEC_STYPE = "fedge.codec"
+_F16_MAX = float(np.finfo(np.float16).max)
+_U64 = 1 << 64
+_ROTATION_STREAM = 0x0407A7E
+
+
+def round_rotation_seed(seed: int, server_round: int) -> int:
+    """The rotation seed the server sends with a round: 63 bits (a ConfigRecord int is int64)."""
+    state = np.random.SeedSequence([seed, server_round, _ROTATION_STREAM]).generate_state(1, np.uint64)
+    return int(state[0]) >> 1
+
+
+def tensor_rotation_seed(rotation_seed: int, tensor_index: int) -> int:
+    """Seed of the rotation of the ``tensor_index``-th tensor in a round.
+
+    Every client uses the same seed for the same tensor in a round (the round's
+    ``rotation_seed`` comes from the server), so rotated updates stay summable under secure
+    aggregation. ``default_rng`` hashes the seed (SeedSequence), so consecutive seeds give
+    independent sign patterns.
+    """
+    return (int(rotation_seed) + int(tensor_index)) % _U64
+
+
+def is_float32(values: np.ndarray) -> bool:
+    """Whether a tensor is compressed (float32) or sent as it is (anything else)."""
+    return values.dtype == np.float32
+
+
+def encode_update(
+    local: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    spec: CodecSpec,
+    rng: np.random.Generator,
+    *,
+    rotation_seed: int = 0,
+    residual: Mapping[str, np.ndarray] | None = None,
+) -> tuple[ArrayRecord, dict[str, np.ndarray] | None]:
+    """Encode ``local - reference`` per tensor into an ``ArrayRecord`` of codec payloads.
+
+    Parameters
+    ----------
+    local : Mapping[str, ndarray]
+        The client's weights after training.
+    reference : Mapping[str, ndarray]
+        The global weights the client started from (as received, widened to float32);
+        same names and shapes as ``local``. Its order is the record's order.
+    spec : CodecSpec
+        The codec (``none`` sends the exact float32 update).
+    rng : numpy.random.Generator
+        Randomness of stochastic rounding.
+    rotation_seed : int, default 0
+        The round's rotation seed; tensor ``i`` uses :func:`tensor_rotation_seed`.
+    residual : Mapping[str, ndarray], optional
+        Error-feedback residual per float32 tensor (zeros in the first round); ``None``
+        disables error feedback.
+
+    Returns
+    -------
+    arrays : ArrayRecord
+        One Array per tensor: a codec payload for float32 tensors, the plain local tensor
+        otherwise.
+    new_residual : dict or None
+        The residual to keep for the next round (``None`` when ``residual`` is ``None``).
+
+    Raises
+    ------
+    CodecError
+        When names or shapes differ between ``local``, ``reference`` and ``residual``, or
+        an update holds NaN or Inf.
+    """
+    if set(local) != set(reference):
+        missing, extra = sorted(set(reference) - set(local)), sorted(set(local) - set(reference))
+        raise CodecError(
+            f"trained weights name other tensors than the received model "
+            f"(missing {missing}, unexpected {extra})"
+        )
+    records: dict[str, Array] = {}
+    new_residual: dict[str, np.ndarray] | None = {} if residual is not None else None
+    for index, (name, ref) in enumerate(reference.items()):
+        values = np.asarray(local[name])
+        if values.shape != ref.shape:
+            raise CodecError(f"tensor {name!r} is {values.shape} after training, {ref.shape} before")
+        if not is_float32(ref):
+            records[name] = Array(np.ascontiguousarray(values))
+            continue
+        update = values.astype(np.float32) - ref
+        seed = tensor_rotation_seed(rotation_seed, index)
+        if residual is None or new_residual is None:
+            payload = encode(update, spec, rng, rotation_seed=seed)
+        else:
+            previous = residual.get(name)
+            if previous is None:
+                raise CodecError(f"error-feedback residual lacks tensor {name!r}; reset the residual")
+            payload, new_residual[name] = with_error_feedback(update, previous, spec, rng, rotation_seed=seed)
+        records[name] = Array(dtype="float32", shape=tuple(ref.shape), stype=CODEC_STYPE, data=payload)
+    return ArrayRecord(records), new_residual
+
+
+def decode_array(array: Array, reference: np.ndarray) -> np.ndarray:
+    """A reply's tensor as weights: ``reference + decode(payload)`` for a codec payload.
+
+    Parameters
+    ----------
+    array : flwr.app.Array
+        A codec payload (``stype == CODEC_STYPE``) or a plain numpy Array.
+    reference : ndarray
+        The global tensor the server sent (float32 on the server).
+
+    Returns
+    -------
+    ndarray
+        The client's weights; for a plain Array, exactly what it decodes to (the caller
+        checks its shape and dtype).
+
+    Raises
+    ------
+    CodecError
+        When a payload's declared dtype or shape differ from ``reference``, or the payload
+        is malformed, truncated, of an unknown version or codec (see
+        :func:`fedge.compression.decode`).
+    """
+    if array.stype != CODEC_STYPE:
+        return array.numpy()
+    shape = tuple(int(d) for d in array.shape)
+    if array.dtype != "float32" or shape != reference.shape or reference.dtype != np.float32:
+        raise CodecError(
+            f"compressed tensor declares {array.dtype}{list(shape)}, expected "
+            f"{reference.dtype}{list(reference.shape)}"
+        )
+    update = decode(array.data, reference.shape)
+    return reference + update
+
+
+def has_codec_payloads(arrays: ArrayRecord) -> bool:
+    """Whether any tensor of ``arrays`` is a codec payload."""
+    return any(a.stype == CODEC_STYPE for a in arrays.values())
+
+
+def to_fp16(arrays: ArrayRecord) -> ArrayRecord:
+    """The downlink form of a model: float32 tensors as float16, the rest unchanged.
+
+    A tensor with a finite value beyond float16's range (65504) stays float32, so the
+    downlink never turns a weight into Inf.
+    """
+    out: dict[str, Array] = {}
+    for name, array in arrays.items():
+        if array.stype == "numpy.ndarray" and array.dtype == "float32":
+            values = array.numpy()
+            if values.size == 0 or float(np.abs(values).max()) <= _F16_MAX:
+                out[name] = Array(values.astype(np.float16))
+                continue
+        out[name] = array
+    return ArrayRecord(out)
+
+
+def to_fp32(arrays: ArrayRecord) -> ArrayRecord:
+    """Widen float16 tensors (an fp16 downlink) back to float32; others unchanged."""
+    out: dict[str, Array] = {}
+    for name, array in arrays.items():
+        if array.stype == "numpy.ndarray" and array.dtype == "float16":
+            out[name] = Array(array.numpy().astype(np.float32))
+        else:
+            out[name] = array
+    return ArrayRecord(out)
+
+
+def has_fp16(arrays: ArrayRecord) -> bool:
+    """Whether any tensor of ``arrays`` is float16 (an fp16 downlink)."""
+    return any(a.stype == "numpy.ndarray" and a.dtype == "float16" for a in arrays.values())
+
+
+__all__ = [
+    "CODEC_STYPE",
+    "decode_array",
+    "encode_update",
+    "has_codec_payloads",
+    "has_fp16",
+    "round_rotation_seed",
+    "tensor_rotation_seed",
+    "to_fp16",
+    "to_fp32",
+]
