@@ -1,14 +1,15 @@
 """Benchmark: compressed client updates (issue 4).
 
 Trains FEMNIST with the natural writer split (100 writers, 20 a round, 30 rounds, cnn28)
-once per codec on fedge's in-process engine, same seed, and prints per codec: bits per
-parameter and bytes per client-round as counted on the wire (Flower's protobuf
-serialization of each reply), the ratio to the uncompressed run, the final accuracy and
-its distance from the uncompressed run's, and the codec's encode and decode throughput on
-a 1M-parameter update on one core.
+once per codec and seed (42, 43, 44) on fedge's in-process engine, and prints per codec:
+bits per parameter and bytes per client-round as counted on the wire (Flower's protobuf
+serialization of each reply), the ratio to the uncompressed run, the final accuracy (mean
+over seeds) and its distance from the uncompressed run's (mean of the per-seed
+differences), and the codec's encode and decode throughput on a 1M-parameter update on one
+core (best of 5). JSON on stdout, a Markdown table on stderr.
 
     make bench                                   # or: python benchmarks/compression.py
-    python benchmarks/compression.py --codecs none qsgd:2 topk:0.01+ef
+    python benchmarks/compression.py --codecs qsgd:2 stc:0.1+ef --seeds 42
     python benchmarks/compression.py --throughput-only
 """
 
@@ -19,6 +20,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,7 +46,19 @@ WORKLOAD = {
     "export-every": "off",
 }
 # "+ef" turns on error feedback.
-CODECS = ("none", "qsgd:8", "qsgd:4", "qsgd:2", "rotate+qsgd:2", "qsgd:1+ef", "topk:0.01+ef", "topk:0.03")
+CODECS = (
+    "none",
+    "qsgd:4",
+    "qsgd:2",
+    "rotate+qsgd:2",
+    "ternary",
+    "rotate+ternary",
+    "topk:0.01+ef",
+    "stc:0.1",
+    "stc:0.1+ef",
+    "stc:0.05+ef",
+)
+SEEDS = (42, 43, 44)
 THROUGHPUT_ELEMENTS = 1_000_000
 
 
@@ -53,21 +67,25 @@ def _split(text: str) -> tuple[str, bool]:
     return codec, text.endswith("+ef") and not flag
 
 
-def train(text: str, out: Path, rounds: int) -> dict[str, Any]:
-    """One FEMNIST run with ``text``'s codec; wire figures and accuracy."""
+def train(text: str, out: Path, rounds: int, seed: int) -> dict[str, Any]:
+    """One FEMNIST run with ``text``'s codec; bytes per client-round and final accuracy."""
     codec, error_feedback = _split(text)
-    values = {**WORKLOAD, "compression": codec, "error-feedback": error_feedback, "num-rounds": rounds}
+    values = {
+        **WORKLOAD,
+        "compression": codec,
+        "error-feedback": error_feedback,
+        "num-rounds": rounds,
+        "seed": seed,
+    }
     cfg = RunConfig.from_mapping(values)
-    summary = simulate(cfg, out / text.replace(":", "-").replace("+", "_"))
+    summary = simulate(cfg, out / f"{text.replace(':', '-').replace('+', '_')}-{seed}")
     history = summary["history"]
     replies = sum(r["clients"] for r in history)
-    bytes_up = sum(r["bytes_up"] for r in history)
-    accuracies = [r["accuracy"] for r in history]
     return {
-        "bytes_per_client_round": round(bytes_up / replies),
-        "final_accuracy": round(summary["final"]["accuracy"], 4),
-        "mean_accuracy_last5": round(float(np.mean(accuracies[-5:])), 4),
-        "wall_s": round(summary["wall_s"], 1),
+        "bytes_up": sum(r["bytes_up"] for r in history),
+        "replies": replies,
+        "final_accuracy": summary["final"]["accuracy"],
+        "wall_s": summary["wall_s"],
     }
 
 
@@ -98,37 +116,72 @@ def throughput(text: str, repeats: int = 5) -> dict[str, float]:
     }
 
 
+def _table(rows: dict[str, dict[str, Any]]) -> str:
+    head = (
+        "| codec | bits / param | bytes / client-round | of fp32 | final accuracy | vs fp32 (points) "
+        "| encode MB/s | decode MB/s |\n|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for text, r in rows.items():
+        codec, error_feedback = _split(text)
+        name = f"`{codec}`" + (" + error feedback" if error_feedback else "")
+        lines.append(
+            f"| {name} | {r['bits_per_param']:.2f} | {r['bytes_per_client_round']:,} | "
+            f"1/{1 / r['uplink_ratio']:.1f} | {r['final_accuracy']:.4f} | "
+            f"{r['accuracy_delta_points']:+.2f} | "
+            f"{r['encode_mb_s']:,} | {r['decode_mb_s']:,} |"
+        )
+    return head + "\n".join(lines)
+
+
 def main() -> None:
     """Run the codecs and print one JSON object (and a Markdown table on stderr)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--codecs", nargs="+", default=list(CODECS), help="codecs; '+ef': error feedback")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--rounds", type=int, default=WORKLOAD["num-rounds"])
     parser.add_argument("--throughput-only", action="store_true")
     args = parser.parse_args()
     if not args.throughput_only and not os.environ.get("FEDGE_DATA_DIR"):
         raise SystemExit("set FEDGE_DATA_DIR to the shared datasets folder (make bench does)")
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.ERROR)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     codecs = list(args.codecs)
     if not args.throughput_only and "none" not in codecs:
         codecs.insert(0, "none")
-    rows: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for text in codecs:
-            row: dict[str, Any] = {}
-            if not args.throughput_only:
-                row.update(train(text, Path(tmp), args.rounds))
-            row.update(throughput(text))
-            rows[text] = row
+    rows: dict[str, dict[str, Any]] = {text: throughput(text) for text in codecs}
     if not args.throughput_only:
-        base = rows["none"]
         cfg = RunConfig.from_mapping(WORKLOAD)
         params = sum(p.numel() for p in cfg.build_model(cfg.federated_data().spec).parameters())
-        for row in rows.values():
-            row["bits_per_param"] = round(8 * row["bytes_per_client_round"] / params, 3)
-            row["uplink_ratio"] = round(row["bytes_per_client_round"] / base["bytes_per_client_round"], 4)
-            row["accuracy_delta_points"] = round(100 * (row["final_accuracy"] - base["final_accuracy"]), 2)
-    print(json.dumps({"workload": WORKLOAD, "codecs": rows}, indent=2))
+        runs: dict[str, list[dict[str, Any]]] = {text: [] for text in codecs}
+        with tempfile.TemporaryDirectory() as tmp:
+            # Seed by seed, every codec in turn: the codecs of one seed see the same clients.
+            for seed in args.seeds:
+                for text in codecs:
+                    runs[text].append(train(text, Path(tmp), args.rounds, seed))
+        base = runs["none"]
+        base_bytes = sum(r["bytes_up"] for r in base) / sum(r["replies"] for r in base)
+        for text, per_seed in runs.items():
+            per_client = sum(r["bytes_up"] for r in per_seed) / sum(r["replies"] for r in per_seed)
+            deltas = [
+                100 * (r["final_accuracy"] - b["final_accuracy"]) for r, b in zip(per_seed, base, strict=True)
+            ]
+            rows[text].update(
+                {
+                    "bits_per_param": round(8 * per_client / params, 3),
+                    "bytes_per_client_round": round(per_client),
+                    "uplink_ratio": round(per_client / base_bytes, 4),
+                    "final_accuracy": round(float(np.mean([r["final_accuracy"] for r in per_seed])), 4),
+                    "final_accuracy_per_seed": [round(r["final_accuracy"], 4) for r in per_seed],
+                    "accuracy_delta_points": round(float(np.mean(deltas)), 2),
+                    "wall_s_per_run": round(float(np.mean([r["wall_s"] for r in per_seed])), 1),
+                }
+            )
+        print(_table(rows), file=sys.stderr)
+    report = {"workload": WORKLOAD, "seeds": args.seeds, "parameters": None, "codecs": rows}
+    if not args.throughput_only:
+        report["parameters"] = params
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

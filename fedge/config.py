@@ -111,8 +111,9 @@ class RunConfig:
         ``rotate+qsgd:BITS`` (randomized Hadamard rotation, then qsgd); see
         :mod:`fedge.compression`.
     error_feedback : bool
-        Clients keep what the codec dropped and add it to their next update; needs a lossy
-        ``compression``.
+        Clients keep what the codec dropped and add it to their next update; needs a lossy,
+        contractive ``compression`` (``stc``, ``topk``, ``qsgd`` from 2 bits; see
+        :func:`fedge.compression.error_feedback_compatible`).
     downlink : str
         How the server sends the global model: ``fp32`` or ``fp16`` (half the bytes; the
         server keeps its model in fp32 and clients send updates against what they got).
@@ -181,7 +182,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         # Imported here: the kernel's data and model modules pull in numpy/torch, and
         # keeping them out of module import keeps `fedge --help` fast.
-        from fedge.compression import CodecError
+        from fedge.compression import CodecError, error_feedback_compatible
         from fedge.data import DataError, check_dataset_name, parse_partition
         from fedge.models import MODELS
 
@@ -244,9 +245,11 @@ class RunConfig:
         except CodecError as err:
             raise ConfigError(f"compression: {err}") from None
         _check(
-            not self.error_feedback or codec.kind != "none",
-            "error-feedback needs a lossy compression (qsgd:BITS, topk:FRACTION, rotate+qsgd:BITS); "
-            "set compression or error-feedback = false",
+            not self.error_feedback or error_feedback_compatible(codec),
+            f"error-feedback needs a lossy, contractive compression, not {self.compression!r} "
+            "(none loses nothing; 1-bit qsgd and ternary are unbiased but their error can exceed "
+            "the update, so the residual grows); use stc:FRACTION, topk:FRACTION or qsgd:BITS "
+            "with BITS >= 2, or set error-feedback = false",
         )
         _check(
             self.downlink in DOWNLINKS,

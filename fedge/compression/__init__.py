@@ -20,6 +20,7 @@ from fedge.compression.qsgd import (
 from fedge.compression.spec import (
     CodecError,
     CodecSpec,
+    error_feedback_compatible,
     parse_codec,
     require_secagg_compatible,
     secagg_compatible,
@@ -31,6 +32,7 @@ __all__ = [
     "decode",
     "dequantize_level_sum",
     "encode",
+    "error_feedback_compatible",
     "max_payload_bytes",
     "parse_codec",
     "payload_bytes",

@@ -11,14 +11,17 @@ import json
 import math
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from processes import ProcessGroup, free_ports, wait_for_text, wait_http_ok
+from safetensors.numpy import load_file
 
 PROJECT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr, flower-superexec
@@ -52,7 +55,10 @@ def _fab_size(project: Path) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_superlink_two_supernodes_flwr_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "compressed"])
+def test_superlink_two_supernodes_flwr_run(tmp_path: Path, compressed: bool) -> None:
+    """A run over gRPC; ``compressed`` adds stc updates with error feedback and an fp16 downlink,
+    with each SuperNode's residual kept in its own state folder (as a device would)."""
     t_start = time.monotonic()
     # `flwr run` migrates a legacy [tool.flwr.federations] section by rewriting the
     # project's pyproject.toml; the test must never write into the source tree.
@@ -112,7 +118,7 @@ def test_superlink_two_supernodes_flwr_run(tmp_path: Path) -> None:
                     "--port",
                     str(port),
                     "--node-config",
-                    f"partition-id={pid} num-partitions={NUM_NODES}",
+                    f"partition-id={pid} num-partitions={NUM_NODES} state-dir='{tmp_path / f'node{pid}'}'",
                     "--max-retries",
                     "10",
                     "--max-wait-time",
@@ -129,6 +135,8 @@ def test_superlink_two_supernodes_flwr_run(tmp_path: Path) -> None:
             f"num-clients={NUM_NODES} clients-per-round={NUM_NODES} num-rounds={NUM_ROUNDS} "
             f"local-epochs=2 out-dir='{out_dir}' run-name='e2e'"
         )
+        if compressed:
+            run_config += " compression='stc:0.1' error-feedback=true downlink='fp16'"
         result = _flwr(
             group, "run", str(PROJECT), CONNECTION, "--stream", "--run-config", run_config, timeout=120
         )
@@ -162,6 +170,19 @@ def test_superlink_two_supernodes_flwr_run(tmp_path: Path) -> None:
         assert [json.loads(line)["round"] for line in lines] == list(range(1, NUM_ROUNDS + 1))
         for name in ("model.safetensors", "accuracy.png", "checkpoint.safetensors"):
             assert (run_dir / name).is_file(), name
+        residuals = [tmp_path / f"node{pid}" / "ef-residual.safetensors" for pid in range(NUM_NODES)]
+        if compressed:
+            assert summary["config"]["compression"] == "stc:0.1"
+            # The cnn8 update (9,930 weights) at 10% as signs + Rice-coded positions is far
+            # below the ~40 kB of fp32 weights a plain reply carries.
+            assert all(row["bytes_up"] / NUM_NODES < 4_000 for row in history), history
+            for path in residuals:
+                assert path.is_file(), path
+                assert stat.S_IMODE(path.stat().st_mode) == 0o600
+                residual = load_file(str(path))
+                assert residual and any(np.abs(v).max() > 0 for v in residual.values())
+        else:
+            assert not any(path.exists() for path in residuals)
 
         # The SuperLink's own record of the run.
         ls = _flwr(group, "ls", CONNECTION, "--format", "json", timeout=30)

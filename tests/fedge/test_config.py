@@ -120,3 +120,27 @@ def test_booleans_from_toml_and_command_line() -> None:
     assert RunConfig.from_mapping({"export-federated-eval": True}).export_federated_eval is True
     assert RunConfig.from_mapping({"export-federated-eval": "true"}).export_federated_eval is True
     assert RunConfig.from_mapping({"export-federated-eval": "False"}).export_federated_eval is False
+
+
+def test_compression_keys_parse_and_validate() -> None:
+    cfg = RunConfig.from_mapping({"compression": "stc:0.1", "error-feedback": "true", "downlink": "fp16"})
+    assert (str(cfg.codec()), cfg.error_feedback, cfg.downlink) == ("stc:0.1", True, "fp16")
+    assert RunConfig().codec().kind == "none" and RunConfig().downlink == "fp32"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"compression": "zip"}, "compression: unknown codec 'zip'; valid forms:"),
+        ({"compression": "qsgd:9"}, "compression: qsgd needs num_bits in 1..8, got 9"),
+        ({"downlink": "int8"}, "unknown downlink 'int8'; choose one of: fp32, fp16"),
+        ({"error-feedback": True}, "error-feedback needs a lossy, contractive compression, not 'none'"),
+        ({"compression": "ternary", "error-feedback": True}, "not 'ternary'"),
+        ({"compression": "qsgd:1", "error-feedback": True}, "use stc:FRACTION, topk:FRACTION or qsgd:BITS"),
+    ],
+)
+def test_bad_compression_settings_are_one_line_errors(values: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        RunConfig.from_mapping(values)
+    text = str(excinfo.value)
+    assert message in text and "\n" not in text
