@@ -32,6 +32,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/engines.py
 	$(PY) benchmarks/export.py
+	$(PY) benchmarks/compression.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

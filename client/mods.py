@@ -58,10 +58,14 @@ def codec_seed(seed: int, server_round: int, client_key: int) -> np.random.SeedS
 
 
 def _client_key(context: Context) -> int:
-    # The partition id where there is one (simulation: stable across engines and restarts),
-    # else the node id.
+    # The partition id where there is one (stable across engines and restarts), else the
+    # node id (which Flower's Ray engine and SuperLinks draw at random).
     pid = context.node_config.get("partition-id")
-    return int(pid) if isinstance(pid, int | float | str) and str(pid).isdigit() else int(context.node_id)
+    if isinstance(pid, int) and not isinstance(pid, bool) and pid >= 0:
+        return pid
+    if isinstance(pid, str) and pid.isdigit():
+        return int(pid)
+    return int(context.node_id)
 
 
 def _int(record: ConfigRecord, key: str, default: int) -> int:

@@ -62,10 +62,14 @@ def load_client_app(ref: str) -> ClientApp:
 
 def _init_worker(app_ref: str, torch_threads: int) -> None:
     global _WORKER_APP
-    # One intra-op thread per worker: the workers already use every core.
+    # One intra-op thread per worker: the workers already use every core. The same for
+    # numpy's BLAS (the Hadamard rotation of an update is a matmul): OpenBLAS threads in
+    # every worker, spinning beside torch's, made a rotated-codec run 1.6x slower.
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(torch_threads)
+    threadpool_limits(limits=torch_threads)
     _WORKER_APP = load_client_app(app_ref)
 
 

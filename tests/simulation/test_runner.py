@@ -87,19 +87,44 @@ def test_summary_has_the_documented_keys(tmp_path: Path) -> None:
     assert 3 * 4 * params < summary["history"][0]["bytes_up"] < 3 * 4 * params * 1.05
 
 
+COMPRESSED = {"compression": "stc:0.1", "error-feedback": True, "downlink": "fp16"}
+
+
 @pytest.mark.slow
-def test_ray_engine_matches_the_inprocess_engine(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [{}, COMPRESSED], ids=["plain", "compressed"])
+def test_ray_engine_matches_the_inprocess_engine(tmp_path: Path, extra: dict[str, object]) -> None:
     # Every client takes part every round and shuffles with a (seed, round, client) seed,
-    # so both engines train the same clients the same way.
-    base = {**SMALL, "num-clients": 4, "clients-per-round": 4, "num-rounds": 2, "strategy": "fedavg"}
+    # so both engines train the same clients the same way; the compressed run also draws
+    # its codec randomness per (seed, round, partition) and keeps each client's
+    # error-feedback residual in its Context under both engines.
+    base = {**SMALL, "num-clients": 4, "clients-per-round": 4, "num-rounds": 2, "strategy": "fedavg", **extra}
     ours = simulate(RunConfig.from_mapping({**base, "engine": "inprocess"}), tmp_path / "inprocess")
     ray = simulate(RunConfig.from_mapping({**base, "engine": "ray"}), tmp_path / "ray")
     assert ray["rounds_completed"] == 2 and [r["clients"] for r in ray["history"]] == [4, 4]
+    assert [r["bytes_up"] for r in ours["history"]] == [r["bytes_up"] for r in ray["history"]]
     a, b = _model(tmp_path / "inprocess"), _model(tmp_path / "ray")
     for name in a:
         # Only the summation order differs (Ray's node ids are random).
         np.testing.assert_allclose(a[name], b[name], atol=1e-5, err_msg=name)
     assert ours["final"]["accuracy"] == pytest.approx(ray["final"]["accuracy"], abs=0.01)
+
+
+def test_compressed_run_sends_the_codec_payloads_and_learns(tmp_path: Path) -> None:
+    from fedge.compression import parse_codec, payload_bytes
+
+    cfg = RunConfig.from_mapping(
+        {**SMALL, "strategy": "fedavg", "num-rounds": 4, "workers": 1, "compression": "rotate+ternary"}
+    )
+    summary = simulate(cfg, tmp_path / "run")
+    model = _model(tmp_path / "run")
+    payload = sum(payload_bytes(parse_codec("rotate+ternary"), v.size) for v in model.values())
+    for row in summary["history"]:
+        per_client = row["bytes_up"] / row["clients"]
+        # The codec payloads, plus Flower's framing: names, dtype, shape, stype, metrics.
+        assert payload < per_client < payload + 64 * len(model) + 128, row
+    # 1.6 bits a weight instead of 32, and the model still learns digits.
+    assert summary["history"][-1]["bytes_up"] < 0.07 * 4 * sum(v.size for v in model.values()) * 3
+    assert summary["final"]["accuracy"] > 0.5
 
 
 @pytest.mark.slow
