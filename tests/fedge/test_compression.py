@@ -160,14 +160,18 @@ def test_rotate_qsgd_error_norm_bound() -> None:
     # Rotation is orthonormal: ||x - x_hat|| = ||y - y_hat|| <= sqrt(m) * step, and every
     # chunk scale max|y_c| <= ||y|| = ||x||, so step <= 2 ||x|| / L.
     x = _spiky(3000, 5)
-    for num_bits in (1, 2, 4):
-        out = decode(
-            encode(x, CodecSpec("rotate+qsgd", num_bits=num_bits), np.random.default_rng(0)), x.shape
-        )
-        m = rotated_length(3000)  # 2 blocks of 1024, the 952-element tail padded to 1024
-        assert m == 3072
-        bound = math.sqrt(m) * 2 * float(np.linalg.norm(x)) / (2**num_bits - 1)
-        assert float(np.linalg.norm(out - x)) <= bound
+    m = rotated_length(3000)  # 2 blocks of 1024, the 952-element tail padded to 1024
+    assert m == 3072
+    # (codec, L): rotate+ternary is the same scheme with L = 2 levels above the lowest.
+    for text, top in (
+        ("rotate+qsgd:1", 1),
+        ("rotate+qsgd:2", 3),
+        ("rotate+qsgd:4", 15),
+        ("rotate+ternary", 2),
+    ):
+        out = decode(encode(x, parse_codec(text), np.random.default_rng(0)), x.shape)
+        bound = math.sqrt(m) * 2 * float(np.linalg.norm(x)) / top
+        assert float(np.linalg.norm(out - x)) <= bound, text
 
 
 @pytest.mark.parametrize("text", ALL_CODECS)
