@@ -6,7 +6,12 @@ next update (:func:`fedge.compression.with_error_feedback`). It lives in
 when the SuperNode names a folder with ``--node-config "... state-dir='/var/lib/fedge'"``,
 also in ``state-dir/ef-residual.safetensors``, so it survives a restart of the device's
 client. The file is safetensors (no pickle), written atomically and with mode 0600: the
-residual is derived from the client's private data.
+residual is derived from the client's private data. Give every SuperNode its own folder
+(two sharing one overwrite each other's residual).
+
+The residual is replaced when the client encodes its reply, before the server accepts it:
+an update that arrives too late, or that the server rejects, takes its share of the
+residual with it (as in every error-feedback scheme without acknowledgements).
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ def load_residual(context: Context, reference: Mapping[str, np.ndarray]) -> dict
     """The residual for a model shaped like ``reference`` (its float32 tensors).
 
     Taken from ``context.state``, else from the state folder's file of the same run; zeros
-    when neither exists or what exists does not fit the model (logged).
+    when neither exists, or what exists does not fit the model or is not finite (logged).
     """
     expected = {name: values.shape for name, values in reference.items() if is_float32(values)}
     stored = context.state.array_records.get(RESIDUAL_KEY)
@@ -79,9 +84,13 @@ def load_residual(context: Context, reference: Mapping[str, np.ndarray]) -> dict
         fits = {n: r.shape for n, r in residual.items()} == expected and all(
             r.dtype == np.float32 for r in residual.values()
         )
-        if fits:
+        if not fits:
+            log.warning("error-feedback residual does not fit the model's tensors; starting from zeros")
+        elif not all(np.isfinite(r).all() for r in residual.values()):
+            # Kept, it would make every later update non-finite and lock the client out.
+            log.warning("error-feedback residual holds NaN or Inf; starting from zeros")
+        else:
             return {name: residual[name] for name in expected}
-        log.warning("error-feedback residual does not fit the model's tensors; starting from zeros")
     return {name: np.zeros(shape, dtype=np.float32) for name, shape in expected.items()}
 
 

@@ -107,16 +107,18 @@ class RunConfig:
     compression : str
         Codec of the clients' updates (``local - global``, per tensor): ``none`` (plain
         float32 weights, as Flower sends them), ``qsgd:BITS`` (stochastic uniform
-        quantization, 1..8 bits), ``topk:FRACTION`` (the largest entries, in (0, 1]) or
-        ``rotate+qsgd:BITS`` (randomized Hadamard rotation, then qsgd); see
-        :mod:`fedge.compression`.
+        quantization, 1..8 bits), ``ternary`` (stochastic -m/0/+m, 1.6 bits),
+        ``rotate+qsgd:BITS`` and ``rotate+ternary`` (randomized Hadamard rotation first),
+        ``topk:FRACTION`` (the largest entries, in (0, 1]) or ``stc:FRACTION`` (the largest
+        entries as sign times mean magnitude); see :mod:`fedge.compression`.
     error_feedback : bool
         Clients keep what the codec dropped and add it to their next update; needs a lossy,
         contractive ``compression`` (``stc``, ``topk``, ``qsgd`` from 2 bits; see
         :func:`fedge.compression.error_feedback_compatible`).
     downlink : str
         How the server sends the global model: ``fp32`` or ``fp16`` (half the bytes; the
-        server keeps its model in fp32 and clients send updates against what they got).
+        server keeps its model in fp32 and clients send updates against what they got,
+        as uncompressed float32 updates when ``compression`` is ``none``).
     out_dir : str
         Parent folder of run folders; a run writes ``out_dir/run_name/``.
     run_name : str

@@ -425,9 +425,12 @@ class RoundLoop:
                 SEED: cfg.seed,
             }
         )
-        if cfg.compression != "none":
+        if cfg.compression != "none" or cfg.downlink == "fp16":
             # The client's compression mod reads these; one rotation seed per round, shared
             # by every client (rotated updates must stay summable under secure aggregation).
+            # An fp16 downlink asks for updates even uncompressed ("none"): the server adds
+            # them to its fp32 model, which plain weights trained from the fp16 copy would
+            # drag onto the fp16 grid every round.
             record[CODEC] = str(cfg.codec())
             record[ERROR_FEEDBACK] = cfg.error_feedback
             record[ROTATION_SEED] = round_rotation_seed(cfg.seed, server_round)

@@ -18,7 +18,7 @@ Then per codec:
 ``qsgd`` (id 1)::
 
     13      num_bits      uint8, 1..8
-    14..17  chunk_size    uint32, elements per scale (1024)
+    14..17  chunk_size    uint32, elements per scale (1024; version 1 refuses any other)
 
     header 18 bytes; body: ``ceil(n / chunk_size)`` float32 scales (max |x| per chunk), then
     the levels packed at ``num_bits`` each (``ceil(n * num_bits / 8)`` bytes, see
@@ -37,8 +37,9 @@ Then per codec:
 
     13      num_bits       uint8, 1..8
     14..17  chunk_size     uint32 (1024)
-    18..21  block_size     uint32, rotation block, a power of two (1024)
-    22..29  rotation_seed  uint64 (the decoder rebuilds the signs from it)
+    18..21  block_size     uint32, rotation block (1024; version 1 refuses any other)
+    22..29  rotation_seed  uint64 (the decoder rebuilds the signs from it, see
+                           :func:`fedge.compression.hadamard.rotation_signs`)
 
     header 30 bytes; body: as ``qsgd`` but over the rotated vector of
     ``m = rotated_length(n)`` elements (whole blocks, and the tail block padded to a power
@@ -129,7 +130,6 @@ _FIELDS = {
 HEADER_BYTES = {kind: _COMMON.size + fields.size for kind, fields in _FIELDS.items()}
 BYTES_PER_FP32 = 4
 _MAX_U64 = (1 << 64) - 1
-_MAX_BLOCK = 1 << 20
 
 F32 = npt.NDArray[np.float32]
 
@@ -330,14 +330,20 @@ def _check_bits(num_bits: int) -> None:
 
 
 def _check_chunk(chunk_size: int) -> None:
-    if chunk_size < 1:
-        raise CodecError("header chunk_size is 0; payload is corrupt")
+    # Version 1 writes 1024 only. Accepting any value would let a 30-byte payload make the
+    # decoder allocate chunk_size floats (16 GiB for 2**32 - 1).
+    if chunk_size != qsgd.CHUNK_SIZE:
+        raise CodecError(
+            f"header chunk_size {chunk_size} is not {qsgd.CHUNK_SIZE}, the only one format "
+            f"version {VERSION} uses; payload is corrupt"
+        )
 
 
 def _check_block(block_size: int) -> None:
-    if not (0 < block_size <= _MAX_BLOCK and block_size & (block_size - 1) == 0):
+    if block_size != hadamard.BLOCK_SIZE:
         raise CodecError(
-            f"header block_size {block_size} is not a power of two up to 2**20; payload is corrupt"
+            f"header block_size {block_size} is not {hadamard.BLOCK_SIZE}, the only one format "
+            f"version {VERSION} uses; payload is corrupt"
         )
 
 

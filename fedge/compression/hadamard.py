@@ -4,7 +4,8 @@ A vector of ``n`` elements is cut into blocks of ``BLOCK_SIZE`` (1024) elements;
 shorter block is zero-padded to the next power of two, so the rotated vector has
 ``m = rotated_length(n)`` elements (at most ``n + 1023``; one full-vector padding to a power
 of two would cost up to ``2 n``). Then ``R x = H D x`` where ``D`` is a diagonal of random
-signs over all ``m`` elements, drawn from ``np.random.default_rng(rotation_seed)``, and ``H``
+signs over all ``m`` elements, from the raw bits of ``PCG64(rotation_seed)``
+(:func:`rotation_signs`), and ``H``
 is block-diagonal with a normalized Sylvester Hadamard matrix ``H_b / sqrt(b)`` per block of
 size ``b`` (``H_b[i, j] = (-1)**popcount(i & j)``, symmetric, ``H_b @ H_b = b I``). ``R`` is
 orthonormal, so quantization error in the rotated domain has the same norm after
@@ -89,9 +90,17 @@ def fwht(x: F32) -> F32:
 
 
 def rotation_signs(length: int, rotation_seed: int) -> F32:
-    """The diagonal ``D``: ``length`` signs +-1 from ``np.random.default_rng(rotation_seed)``."""
-    bits = np.random.default_rng(rotation_seed).integers(0, 2, size=length, dtype=np.int8)
-    return (bits.astype(np.float32) * np.float32(2.0)) - np.float32(1.0)
+    """The diagonal ``D``: ``length`` signs +-1, part of the wire format.
+
+    Sign ``i`` is ``-1`` when bit ``i % 64`` of word ``i // 64`` of the raw output of
+    ``np.random.PCG64(rotation_seed)`` is set. The raw bit streams of numpy's BitGenerators
+    (seeded through SeedSequence) are kept stable across numpy releases (NEP 19), while
+    ``Generator`` methods such as ``integers`` may change their algorithms: a device and a
+    server on different numpy versions must rebuild the same rotation.
+    """
+    words = np.random.PCG64(rotation_seed).random_raw(-(-length // 64))
+    bits = np.unpackbits(np.asarray(words, dtype="<u8").view(np.uint8), bitorder="little")[:length]
+    return np.float32(1.0) - np.float32(2.0) * bits.astype(np.float32)
 
 
 def _blockwise(y: F32, block_size: int) -> F32:

@@ -115,6 +115,8 @@ def decode_positions(unary: bytes, remainders: bytes, num_positions: int, rice_b
         nonzero padding; or when a position reaches ``limit``.
     """
     k = num_positions
+    if k > limit:
+        raise CodecError(f"{k} Rice-coded positions cannot fit below {limit}; payload is corrupt")
     if not 0 <= rice_bits <= MAX_RICE_BITS:
         raise CodecError(f"Rice parameter {rice_bits} is outside 0..{MAX_RICE_BITS}; payload is corrupt")
     if len(remainders) != _bytes(k * rice_bits):
@@ -140,6 +142,10 @@ def decode_positions(unary: bytes, remainders: bytes, num_positions: int, rice_b
     weights = np.left_shift(np.int64(1), np.arange(rice_bits, dtype=np.int64))
     low = rbits[: k * rice_bits].reshape(k, rice_bits).astype(np.int64) @ weights if rice_bits else 0
     g = (quotients.astype(np.int64) << rice_bits) + low
+    # Every gap is below the limit (checked before the sum, which could otherwise wrap
+    # around int64 with 62-bit remainders), so the positions sum to at most k * limit.
+    if int(g.max()) >= limit or int(g.min()) < 0:
+        raise CodecError(f"Rice-coded gap reaches past {limit} elements; payload is corrupt")
     positions = np.cumsum(g + 1) - 1
     if int(positions[-1]) >= limit or int(positions[0]) < 0 or np.any(np.diff(positions) <= 0):
         raise CodecError(f"Rice-coded position {int(positions[-1])} is not below {limit}; payload is corrupt")

@@ -248,3 +248,18 @@ def test_nan_after_training_raises_and_keeps_the_residual() -> None:
     with pytest.raises(ValueError, match="NaN or Inf"):
         compression_mod(_message(glob, _config("topk:0.1", 1, True)), context, _trainer([nan_step]))
     assert RESIDUAL_KEY not in context.state.array_records
+
+
+def test_a_non_finite_residual_is_reset_not_kept(caplog: pytest.LogCaptureFixture) -> None:
+    # Kept, a NaN residual would make every later update NaN and lock the client out.
+    context = _context()
+    glob = _random(0)
+    context.state[RESIDUAL_KEY] = numpy_to_arrays(
+        {k: np.full(s, np.nan, np.float32) for k, s in SHAPES.items()}
+    )
+    with caplog.at_level(logging.WARNING, logger="fedge.client"):
+        reply = compression_mod(_message(glob, _config("topk:0.1", 1, True)), context, _trainer([_random(1)]))
+    assert "residual holds NaN or Inf; starting from zeros" in caplog.text
+    assert not reply.has_error()
+    residual = arrays_to_numpy(context.state.array_records[RESIDUAL_KEY])
+    assert all(np.isfinite(v).all() for v in residual.values())

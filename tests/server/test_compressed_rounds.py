@@ -103,6 +103,27 @@ def test_fp16_downlink_halves_bytes_down_and_the_server_model_stays_fp32(tmp_pat
     assert records["fp32"].bytes_down - records["fp16"].bytes_down == 3 * 2 * num_params
 
 
+def test_fp16_downlink_without_compression_asks_for_exact_updates(tmp_path: Path) -> None:
+    # Plain weights trained from the fp16 copy would pull the fp32 server model onto the
+    # fp16 grid; the clients send their float32 update ("none" codec) instead.
+    transport = RecordingTransport()
+    loop = _loop(tmp_path, transport, downlink="fp16")
+    loop.arrays = numpy_to_arrays({k: np.full(s, 1e-4, np.float32) for k, s in SHAPES.items()})
+    with InProcessGrid("fakeapps:compressing_app", 3, {}, workers=1) as grid:
+        loop.run(grid)
+    for reply in transport.received:
+        for array in reply.content.array_records["arrays"].values():
+            assert array.stype == CODEC_STYPE and array.data[4] == 0  # codec id 0: none
+    # A client's weights are VALUE; it sends VALUE - fp16(global), which the server adds to
+    # its fp32 global: the weighted mean of the values plus the global's fp16 rounding
+    # error (plain weights would have given the mean alone: the fp16 grid's value).
+    start = np.float32(1e-4)
+    rounding = float(start) - float(np.float16(start))
+    assert rounding != 0.0
+    expected = 10 / 6 + rounding
+    np.testing.assert_allclose(loop.arrays["w"].numpy()[0], expected, rtol=1e-6)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_bad_payloads_are_dropped_and_the_round_completes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, workers: int
