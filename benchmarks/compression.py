@@ -2,14 +2,14 @@
 
 Trains FEMNIST with the natural writer split (100 writers, 20 a round, 30 rounds, cnn28)
 once per codec and seed (42, 43, 44) on fedge's in-process engine, and prints per codec:
-bits per parameter and bytes per client-round as counted on the wire (Flower's protobuf
+bits per parameter and bytes up and down per client-round as counted on the wire (Flower's protobuf
 serialization of each reply), the ratio to the uncompressed run, the final accuracy (mean
 over seeds) and its distance from the uncompressed run's (mean of the per-seed
 differences), and the codec's encode and decode throughput on a 1M-parameter update on one
 core (best of 5). JSON on stdout, a Markdown table on stderr.
 
     make bench                                   # or: python benchmarks/compression.py
-    python benchmarks/compression.py --codecs qsgd:2 stc:0.1+ef --seeds 42
+    python benchmarks/compression.py --codecs qsgd:2 stc:0.1+ef+fp16 --seeds 42   # +ef, +fp16
     python benchmarks/compression.py --throughput-only
 """
 
@@ -56,24 +56,33 @@ CODECS = (
     "topk:0.01+ef",
     "stc:0.1",
     "stc:0.1+ef",
+    "stc:0.1+ef+fp16",
     "stc:0.05+ef",
 )
 SEEDS = (42, 43, 44)
 THROUGHPUT_ELEMENTS = 1_000_000
 
 
-def _split(text: str) -> tuple[str, bool]:
-    codec, _, flag = text.partition("+ef")
-    return codec, text.endswith("+ef") and not flag
+def _split(text: str) -> tuple[str, bool, str]:
+    """``"stc:0.1+ef+fp16"`` -> codec ``stc:0.1``, error feedback on, fp16 downlink."""
+    error_feedback, downlink = False, "fp32"
+    while True:
+        if text.endswith("+ef"):
+            text, error_feedback = text[: -len("+ef")], True
+        elif text.endswith("+fp16"):
+            text, downlink = text[: -len("+fp16")], "fp16"
+        else:
+            return text, error_feedback, downlink
 
 
 def train(text: str, out: Path, rounds: int, seed: int) -> dict[str, Any]:
     """One FEMNIST run with ``text``'s codec; bytes per client-round and final accuracy."""
-    codec, error_feedback = _split(text)
+    codec, error_feedback, downlink = _split(text)
     values = {
         **WORKLOAD,
         "compression": codec,
         "error-feedback": error_feedback,
+        "downlink": downlink,
         "num-rounds": rounds,
         "seed": seed,
     }
@@ -83,6 +92,8 @@ def train(text: str, out: Path, rounds: int, seed: int) -> dict[str, Any]:
     replies = sum(r["clients"] for r in history)
     return {
         "bytes_up": sum(r["bytes_up"] for r in history),
+        "bytes_down": sum(r["bytes_down"] for r in history),
+        "sampled": sum(r["sampled"] for r in history),
         "replies": replies,
         "final_accuracy": summary["final"]["accuracy"],
         "wall_s": summary["wall_s"],
@@ -93,7 +104,7 @@ def throughput(text: str, repeats: int = 5) -> dict[str, float]:
     """Encode and decode MB/s of fp32 input, 1M elements, one core (best of ``repeats``)."""
     from threadpoolctl import threadpool_limits
 
-    codec, _ = _split(text)
+    codec, _, _ = _split(text)
     spec = parse_codec(codec)
     x = np.random.default_rng(0).standard_normal(THROUGHPUT_ELEMENTS).astype(np.float32)
     rng = np.random.default_rng(1)
@@ -118,17 +129,19 @@ def throughput(text: str, repeats: int = 5) -> dict[str, float]:
 
 def _table(rows: dict[str, dict[str, Any]]) -> str:
     head = (
-        "| codec | bits / param | bytes / client-round | of fp32 | final accuracy | vs fp32 (points) "
-        "| encode MB/s | decode MB/s |\n|---|---|---|---|---|---|---|---|\n"
+        "| codec | bits / param | bytes up / client-round | of fp32 | bytes down / client-round "
+        "| final accuracy | vs fp32 (points) | encode MB/s | decode MB/s |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for text, r in rows.items():
-        codec, error_feedback = _split(text)
+        codec, error_feedback, downlink = _split(text)
         name = f"`{codec}`" + (" + error feedback" if error_feedback else "")
+        name += ", fp16 downlink" if downlink == "fp16" else ""
         lines.append(
             f"| {name} | {r['bits_per_param']:.2f} | {r['bytes_per_client_round']:,} | "
-            f"1/{1 / r['uplink_ratio']:.1f} | {r['final_accuracy']:.4f} | "
-            f"{r['accuracy_delta_points']:+.2f} | "
+            f"1/{1 / r['uplink_ratio']:.1f} | {r['down_bytes_per_client_round']:,} | "
+            f"{r['final_accuracy']:.4f} | {r['accuracy_delta_points']:+.2f} | "
             f"{r['encode_mb_s']:,} | {r['decode_mb_s']:,} |"
         )
     return head + "\n".join(lines)
@@ -170,6 +183,9 @@ def main() -> None:
                 {
                     "bits_per_param": round(8 * per_client / params, 3),
                     "bytes_per_client_round": round(per_client),
+                    "down_bytes_per_client_round": round(
+                        sum(r["bytes_down"] for r in per_seed) / sum(r["sampled"] for r in per_seed)
+                    ),
                     "uplink_ratio": round(per_client / base_bytes, 4),
                     "final_accuracy": round(float(np.mean([r["final_accuracy"] for r in per_seed])), 4),
                     "final_accuracy_per_seed": [round(r["final_accuracy"], 4) for r in per_seed],
