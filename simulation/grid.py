@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
@@ -120,6 +121,11 @@ class InProcessGrid(Grid):
     preload : sequence of str
         Modules the fork server imports once, before it forks the workers, so each
         worker does not pay for them again (torch, sklearn, ... take seconds each).
+    client_state_dir : Path, optional
+        Gives node ``k`` ``node_config["state-dir"] = client_state_dir / "client-K"``,
+        the folder where a client keeps state that must outlive its process (the
+        error-feedback residual), as a device's SuperNode does; a resumed simulation
+        then continues with it.
 
     Notes
     -----
@@ -135,6 +141,7 @@ class InProcessGrid(Grid):
         workers: int = 1,
         run_id: int = 1,
         preload: Sequence[str] = (),
+        client_state_dir: Path | None = None,
     ) -> None:
         if num_nodes <= 0:
             raise ValueError(f"num_nodes must be positive, got {num_nodes}")
@@ -148,11 +155,18 @@ class InProcessGrid(Grid):
         self._pool: cf.ProcessPoolExecutor | None = None
         self._warmup: threading.Thread | None = None
         config: UserConfig = dict(run_config)
+
+        def node_config(k: int) -> UserConfig:
+            values: UserConfig = {"partition-id": k, "num-partitions": num_nodes}
+            if client_state_dir is not None:
+                values["state-dir"] = str(Path(client_state_dir) / f"client-{k}")
+            return values
+
         self._contexts: dict[int, Context] = {
             FIRST_NODE_ID + k: Context(
                 run_id=run_id,
                 node_id=FIRST_NODE_ID + k,
-                node_config={"partition-id": k, "num-partitions": num_nodes},
+                node_config=node_config(k),
                 state=RecordDict(),
                 run_config=config,
             )

@@ -19,6 +19,8 @@ from fedge.simulation.grid import InProcessGrid, default_workers
 
 log = logging.getLogger("fedge.simulation")
 
+# Per-client state folders inside the run folder (in-process engine).
+CLIENT_STATE_DIR = "clients"
 # The ClientApp every simulated client runs; it reads the run config from its Context.
 CLIENT_APP_REF = "fedge.client.app:app"
 # What a client imports on its first message, loaded once in the fork server instead:
@@ -72,7 +74,13 @@ def simulate(
     workers = cfg.workers or default_workers()
     if cfg.engine == "inprocess":
         with InProcessGrid(
-            CLIENT_APP_REF, cfg.num_clients, cfg.to_mapping(), workers=workers, preload=worker_preload(cfg)
+            CLIENT_APP_REF,
+            cfg.num_clients,
+            cfg.to_mapping(),
+            workers=workers,
+            preload=worker_preload(cfg),
+            # Client state that must survive a --resume (the error-feedback residual).
+            client_state_dir=run_dir / CLIENT_STATE_DIR,
         ) as grid:
             return run_federation(grid, cfg, run_dir, resume=resume, hooks=hooks, started_at=started_at)
     return _simulate_ray(cfg, run_dir, resume=resume, hooks=hooks, workers=workers)

@@ -13,6 +13,7 @@ from crash import Crash, CrashAfter
 from safetensors.numpy import load_file
 
 from fedge.config import ConfigError, RunConfig
+from fedge.server.loop import sample_clients
 from fedge.simulation.runner import simulate
 
 SMALL = {
@@ -32,8 +33,15 @@ def _model(run_dir: Path) -> dict[str, np.ndarray]:
     return load_file(str(run_dir / "model.safetensors"))
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
-    cfg = RunConfig.from_mapping(SMALL)
+@pytest.mark.parametrize(
+    "extra",
+    # With error feedback the clients' residuals must survive the crash too: the in-process
+    # engine keeps them in each client's state folder inside the run folder.
+    [{}, {"compression": "stc:0.1", "error-feedback": True}],
+    ids=["plain", "error-feedback"],
+)
+def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, extra: dict[str, object]) -> None:
+    cfg = RunConfig.from_mapping({**SMALL, **extra})
     full = simulate(cfg, tmp_path / "full")
 
     with pytest.raises(Crash):
@@ -51,6 +59,11 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
     ]
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2, 3, 4]  # no round repeated or lost
+    residuals = {p.parent.name for p in (tmp_path / "resumed" / "clients").glob("*/ef-residual.safetensors")}
+    took_part = {
+        f"client-{n - 1000}" for r in range(1, 5) for n in sample_clients(range(1000, 1006), 3, 42, r)
+    }
+    assert residuals == (took_part if extra else set())
 
 
 def test_run_folder_refuses_to_overwrite_and_resume_needs_a_checkpoint(tmp_path: Path) -> None:
