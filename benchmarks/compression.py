@@ -27,24 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from export import WORKLOADS
 
 from fedge.compression import decode, encode, parse_codec
 from fedge.config import RunConfig
 from fedge.simulation.runner import simulate
 
-WORKLOAD = {
-    "dataset": "femnist",
-    "partition": "natural",
-    "model": "cnn28",
-    "num-clients": 100,
-    "clients-per-round": 20,
-    "num-rounds": 30,
-    "local-epochs": 2,
-    "batch-size": 16,
-    "lr": 0.05,
-    "seed": 42,
-    "export-every": "off",
-}
+# The export benchmark's FEMNIST workload (natural split, 100 writers, 20 a round, 30 rounds).
+WORKLOAD = {**WORKLOADS["femnist"], "model": "cnn28", "seed": 42, "export-every": "off"}
 # "+ef" turns on error feedback.
 CODECS = (
     "none",

@@ -28,17 +28,12 @@ from fedge.records import (
     SEED,
     SERVER_ROUND,
     arrays_to_numpy,
+    with_content,
 )
 from fedge.update_records import encode_update, has_codec_payloads, has_fp16, to_fp32
 
 # Separates the stream of stochastic-rounding draws from the client's other seeded streams.
 _CODEC_STREAM = 0xC0DEC
-
-
-def _with_arrays(msg: Message, content: RecordDict) -> Message:
-    # Same metadata as the received message, so the handler's reply points back to it;
-    # Flower's typed overloads do not list `metadata=`, which its constructor accepts.
-    return Message(content, metadata=msg.metadata)  # type: ignore[call-overload]
 
 
 def fp16_downlink_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -49,7 +44,8 @@ def fp16_downlink_mod(msg: Message, context: Context, call_next: ClientAppCallab
     if not has_fp16(arrays):
         return call_next(msg, context)
     content = RecordDict({**dict(msg.content), ARRAYS_KEY: to_fp32(arrays)})
-    return call_next(_with_arrays(msg, content), context)
+    # Same metadata as the received message, so the handler's reply points back to it.
+    return call_next(with_content(msg, content), context)
 
 
 def codec_seed(seed: int, server_round: int, client_key: int) -> np.random.SeedSequence:

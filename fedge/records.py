@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 # RecordDict keys.
@@ -63,6 +63,15 @@ def load_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:
     """Copy ``arrays`` into ``model`` in place (strict: names and shapes must match)."""
     state = {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in arrays.items()}
     model.load_state_dict(state, strict=True)
+
+
+def with_content(message: Message, content: RecordDict) -> Message:
+    """``message`` with other content and the same metadata (sender, ids, reply-to).
+
+    Flower's typed overloads do not list ``metadata=``, which its constructor accepts for
+    exactly this.
+    """
+    return Message(content, metadata=message.metadata)  # type: ignore[call-overload]
 
 
 def payload_bytes(content: RecordDict) -> int:

@@ -45,8 +45,8 @@ def tensor_rotation_seed(rotation_seed: int, tensor_index: int) -> int:
 
     Every client uses the same seed for the same tensor in a round (the round's
     ``rotation_seed`` comes from the server), so rotated updates stay summable under secure
-    aggregation. ``default_rng`` hashes the seed (SeedSequence), so consecutive seeds give
-    independent sign patterns.
+    aggregation. ``PCG64`` seeds through SeedSequence, which hashes the seed, so consecutive
+    seeds give independent sign patterns.
     """
     return (int(rotation_seed) + int(tensor_index)) % _U64
 

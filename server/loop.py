@@ -44,6 +44,7 @@ from fedge.records import (
     arrays_to_numpy,
     numpy_to_arrays,
     payload_bytes,
+    with_content,
 )
 from fedge.server.checkpoint import (
     Checkpoint,
@@ -260,9 +261,7 @@ def check_update(reply: Message, reference: Mapping[str, np.ndarray]) -> tuple[M
     clean = RecordDict(
         {ARRAYS_KEY: numpy_to_arrays(decoded), METRICS_KEY: MetricRecord({NUM_EXAMPLES: num_examples})}
     )
-    # Same metadata (sender, reply-to) as the received reply; Flower's typed overloads
-    # do not list `metadata=`, which its constructor accepts for exactly this.
-    return Message(clean, metadata=reply.metadata), None  # type: ignore[call-overload]
+    return with_content(reply, clean), None
 
 
 def _weighted_metric(replies: Sequence[Message], key: str) -> float | None:
@@ -440,15 +439,18 @@ class RoundLoop:
         """The messages as sent: with ``downlink = fp16``, the model's float32 tensors as float16."""
         if self.cfg.downlink != "fp16":
             return messages
-        out = []
+        # Strategies put one shared ArrayRecord (the global model) in every message:
+        # convert it once, not once per client.
+        halves: dict[int, ArrayRecord] = {}
         for message in messages:
             content = message.content
             if ARRAYS_KEY in content.array_records:
-                half = to_fp16(content.array_records[ARRAYS_KEY])
+                full = content.array_records[ARRAYS_KEY]
+                if id(full) not in halves:
+                    halves[id(full)] = to_fp16(full)
                 # A new RecordDict per message: strategies share one between their messages.
-                message.content = RecordDict({**dict(content), ARRAYS_KEY: half})
-            out.append(message)
-        return out
+                message.content = RecordDict({**dict(content), ARRAYS_KEY: halves[id(full)]})
+        return messages
 
     def run_round(self, grid: Grid, server_round: int) -> RoundRecord:
         """One round of training (and evaluation) starting from ``self.arrays``."""

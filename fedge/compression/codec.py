@@ -403,10 +403,6 @@ def _decode_body(kind: str, payload: bytes, n: int) -> F32:
         raise CodecError(f"stc header says k={k} of only {n} elements; payload is corrupt")
     if not (math.isfinite(mu) and mu >= 0):
         raise CodecError(f"stc magnitude {mu} must be finite and >= 0; payload is corrupt")
-    if not 0 <= rice_bits <= rice.MAX_RICE_BITS:
-        raise CodecError(
-            f"stc Rice parameter {rice_bits} is outside 0..{rice.MAX_RICE_BITS}; payload is corrupt"
-        )
     _, remainder_bytes = rice.streams_bytes(k, rice_bits, 0)
     _check_length(payload, header + unary_bytes + remainder_bytes + stc.sign_bytes(k), kind)
     start = header + unary_bytes

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
@@ -154,14 +154,8 @@ def test_a_bad_codec_in_the_round_config_is_a_client_error_not_a_crash(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     loop = _loop(tmp_path, compression="qsgd:8")
-    loop._round_config = lambda server_round: _bad_codec_config()  # type: ignore[method-assign]
+    loop._round_config = lambda server_round: ConfigRecord({"codec": "zip", "seed": 1})  # type: ignore[method-assign]
     with InProcessGrid("fakeapps:compressing_app", 3, {}, workers=1) as grid:
         (record,) = loop.run(grid)
     assert (record.clients, record.dropped, record.aggregated) == (0, 3, False)
     assert "unknown codec 'zip'" in caplog.text
-
-
-def _bad_codec_config():  # type: ignore[no-untyped-def]
-    from flwr.app import ConfigRecord
-
-    return ConfigRecord({"codec": "zip", "seed": 1})
