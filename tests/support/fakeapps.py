@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import struct
 import time
 
@@ -159,3 +160,34 @@ def bad_payload_train(msg: Message, context: Context) -> Message:
         {"arrays": ArrayRecord(_bad_payloads(ref, k)), "metrics": MetricRecord({"num-examples": 5})}
     )
     return Message(content, reply_to=msg)
+
+
+# Counts its calls in context.state; partition 1 changes its state in round 2 and then
+# hangs, so the round's timeout must drop it and keep its state as of round 1.
+stateful_app = ClientApp()
+
+
+@stateful_app.train()
+def stateful_train(msg: Message, context: Context) -> Message:
+    """Like constant_app, but partition 1 hangs in round 2 (group id "2") after its state moved on."""
+    k = int(context.node_config["partition-id"])
+    calls = context.state.metric_records.get("calls", MetricRecord({"n": 0}))
+    context.state["calls"] = MetricRecord({"n": int(calls["n"]) + 1})
+    if k == 1 and msg.metadata.group_id == "2":
+        time.sleep(600)
+    ref = msg.content.array_records["arrays"]
+    arrays = {name: np.full(a.shape, VALUES[k], dtype=np.dtype(a.dtype)) for name, a in ref.items()}
+    return _reply(msg, arrays, NUM_EXAMPLES[k])
+
+
+# Partition 1's worker process dies (as on a segfault or the OOM killer); the others
+# reply like constant_app.
+dying_app = ClientApp()
+
+
+@dying_app.train()
+def dying_train(msg: Message, context: Context) -> Message:
+    """Kill the worker process on partition 1."""
+    if int(context.node_config["partition-id"]) == 1:
+        os._exit(3)
+    return constant_train(msg, context)
