@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# The one metadata entry of fedge's safetensors files (see safetensors_bytes).
+SAFETENSORS_META_KEY = "fedge"
 
 
 def fsync_dir(path: Path) -> None:
@@ -49,4 +57,44 @@ def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     fsync_dir(path.parent)
 
 
-__all__ = ["fsync_dir", "write_bytes_atomic"]
+def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> bytes:
+    """A safetensors file whose bytes depend only on ``tensors`` and ``metadata``.
+
+    safetensors keeps the header's metadata in a hash map and writes its entries in a
+    random order, so two saves of the same state gave different bytes. fedge writes one
+    entry, :data:`SAFETENSORS_META_KEY`, holding ``metadata`` as JSON with sorted keys;
+    tensors are written in safetensors' own sorted order. Read it back with
+    :func:`safetensors_metadata`.
+    """
+    from safetensors.numpy import save
+
+    text = json.dumps(dict(metadata), sort_keys=True, separators=(",", ":"))
+    # asarray, not ascontiguousarray: the latter turns a 0-d scalar into shape (1,).
+    arrays = {name: np.asarray(values, order="C") for name, values in tensors.items()}
+    return save(arrays, metadata={SAFETENSORS_META_KEY: text})
+
+
+def safetensors_metadata(raw: Mapping[str, str] | None) -> dict[str, Any]:
+    """The metadata :func:`safetensors_bytes` wrote; older files' plain entries as they are.
+
+    Raises
+    ------
+    ValueError
+        If the fedge entry is not a JSON object.
+    """
+    raw = dict(raw or {})
+    if set(raw) == {SAFETENSORS_META_KEY}:
+        value = json.loads(raw[SAFETENSORS_META_KEY])
+        if not isinstance(value, dict):
+            raise ValueError("the file's fedge metadata is not a JSON object")
+        return value
+    return raw
+
+
+__all__ = [
+    "SAFETENSORS_META_KEY",
+    "fsync_dir",
+    "safetensors_bytes",
+    "safetensors_metadata",
+    "write_bytes_atomic",
+]

@@ -151,14 +151,26 @@ def decode_array(array: Array, reference: np.ndarray) -> np.ndarray:
     """
     if array.stype != CODEC_STYPE:
         return array.numpy()
+    return reference + decode_update(array, reference)
+
+
+def decode_update(array: Array, reference: np.ndarray) -> np.ndarray:
+    """The float32 update ``local - global`` that a codec payload carries.
+
+    Raises
+    ------
+    CodecError
+        As :func:`decode_array`, and when ``array`` is not a codec payload.
+    """
+    if array.stype != CODEC_STYPE:
+        raise CodecError(f"expected a {CODEC_STYPE!r} payload, got stype {array.stype!r}")
     shape = tuple(int(d) for d in array.shape)
     if array.dtype != "float32" or shape != reference.shape or reference.dtype != np.float32:
         raise CodecError(
             f"compressed tensor declares {array.dtype}{list(shape)}, expected "
             f"{reference.dtype}{list(reference.shape)}"
         )
-    update = decode(array.data, reference.shape)
-    return reference + update
+    return decode(array.data, reference.shape)
 
 
 def has_codec_payloads(arrays: ArrayRecord) -> bool:
@@ -202,6 +214,7 @@ def has_fp16(arrays: ArrayRecord) -> bool:
 __all__ = [
     "CODEC_STYPE",
     "decode_array",
+    "decode_update",
     "encode_update",
     "has_codec_payloads",
     "has_fp16",

@@ -1,11 +1,19 @@
-"""fedge's round loop: configure -> send -> check -> aggregate -> evaluate -> checkpoint -> hooks.
+"""fedge's round loop: sample -> configure -> exchange -> check -> aggregate -> evaluate -> checkpoint.
 
 It is the body of fedge's ``ServerApp`` main under every engine. It calls Flower
 Message-API strategies (``configure_train``, ``aggregate_train``, ...), so any of them
 plugs in, but it owns what ``Strategy.start`` fixes: client sampling (seeded per round,
 so a resumed run samples what the uninterrupted one would), the exchange itself (a
-:class:`Transport`, so secure aggregation can add its stages), dropping bad updates,
-checkpoints and round hooks.
+:class:`~fedge.server.transport.Transport`), the reply checks
+(:mod:`fedge.server.checks`), the aggregate seam, checkpoints and round hooks.
+
+The aggregate seam: the loop reduces a round to one :class:`~fedge.aggregation.Aggregate`
+(the example-weighted sum of the updates, the total weight, how many clients it holds
+and who was dropped), whatever the transport. For a *linear* strategy it takes the mean,
+passes it through the ``mean_stages`` (where central DP noise goes), and hands the
+strategy one synthetic reply that carries ``global + mean``, so FedAvgM's momentum and
+FedAdam's moments only ever see that (possibly noised) mean. A *per-client* strategy
+(median, Krum, ...) gets every checked reply instead, and needs a per-client transport.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,16 +31,14 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.supercore.run import Run
 
-from fedge.compression import CodecError
+from fedge.aggregation import Aggregate, Dropped, add_update, sum_updates
 from fedge.config import RunConfig
 from fedge.records import (
     ARRAYS_KEY,
     BATCH_SIZE,
     CODEC,
     ERROR_FEEDBACK,
-    EVAL_ACCURACY,
     LOCAL_EPOCHS,
     LR,
     METRICS_KEY,
@@ -40,30 +46,82 @@ from fedge.records import (
     NUM_EXAMPLES,
     ROTATION_SEED,
     SEED,
-    TRAIN_LOSS,
+    SERVER_ROUND,
     arrays_to_numpy,
     numpy_to_arrays,
     payload_bytes,
     with_content,
 )
+from fedge.rng import Stream
 from fedge.server.checkpoint import (
+    STRATEGY_COMPONENT,
     Checkpoint,
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
     write_atomic,
 )
-from fedge.strategies import load_strategy_state, strategy_state
+from fedge.server.checks import INTERNAL_ERROR, CheckedUpdate, check_evaluation, check_update
+from fedge.server.transport import (
+    EVALUATE,
+    TRAIN,
+    Exchange,
+    Federation,
+    PlainTransport,
+    RoundContext,
+    SampledGrid,
+    Transport,
+    sample_clients,
+    wait_for_nodes,
+)
+from fedge.strategies import load_strategy_state_dict, strategy_info, strategy_state_dict
 from fedge.training import EvalResult
-from fedge.update_records import decode_array, round_rotation_seed, to_fp16
+from fedge.update_records import round_rotation_seed, to_fp16
 
 log = logging.getLogger("fedge.server")
 
 METRICS_FILE = "metrics.jsonl"
-# What a resumed run may not change: the model, its data and the optimizer it continues.
-FIXED_ON_RESUME = ("dataset", "partition", "model", "num-clients", "seed", "strategy")
+LOOP_COMPONENT = "loop"
+TRANSPORT_COMPONENT = "transport"
+
+# Keys a resumed run may change, and why each cannot make it differ from the
+# uninterrupted run. Every other key (the data, the model, the strategy, training and
+# compression settings, sampling, the weight cap, and any key added later) is refused.
+MAY_CHANGE_ON_RESUME: dict[str, str] = {
+    "num-rounds": "may grow (never below the rounds already completed)",
+    "out-dir": "the run folder is the one --resume names",
+    "run-name": "the run folder is the one --resume names",
+    "data-dir": "where the same dataset lies on this machine",
+    "workers": "how many processes run the same clients",
+    "round-timeout-s": "how long to wait for stragglers",
+    "fraction-evaluate": "federated evaluation does not change the model",
+    "export-every": "exports read the model, never change it",
+    "export-max-accuracy-drop": "exports read the model, never change it",
+    "export-max-latency-ms": "exports read the model, never change it",
+    "export-calibration-samples": "exports read the model, never change it",
+    "export-federated-eval": "exports read the model, never change it",
+    "signing-key": "exports read the model, never change it",
+    "registry-dir": "exports read the model, never change it",
+}
 
 EvaluateFn = Callable[[ArrayRecord], EvalResult]
+# The place between the mean and the strategy's server optimizer (central DP noise):
+# ``(server_round, mean) -> mean``, mean as ``record -> tensor -> float64``.
+MeanStage = Callable[[int, dict[str, dict[str, np.ndarray]]], dict[str, dict[str, np.ndarray]]]
+
+
+class Stateful(Protocol):
+    """A component whose state the checkpoint keeps."""
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The component's state as named arrays."""
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore what :meth:`state_dict` returned, into a freshly built component."""
+
+
+class RunFailedError(RuntimeError):
+    """A run in which no round aggregated an update; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +159,9 @@ class RoundEvent:
     arrays: ArrayRecord
     record: RoundRecord
     run_dir: Path
-    grid: Grid  # lets a hook ask clients too (the federated check of an int8 candidate)
+    grid: Grid
+    # Asking clients from a hook (the int8 check) goes through the run's transport.
+    federation: Federation | None = None
 
 
 class RoundHook(Protocol):
@@ -121,186 +181,24 @@ class SummaryHook(RoundHook, Protocol):
         """Keys and JSON values to merge into the run's summary."""
 
 
-class Transport(Protocol):
-    """How a round's messages reach clients and replies come back.
-
-    Plain transport is one ``send_and_receive``; secure aggregation replaces it with
-    its multi-stage protocol and hands back replies whose arrays are already summed.
-    """
-
-    def exchange(self, grid: Grid, messages: list[Message], timeout_s: float) -> list[Message]:
-        """Deliver ``messages`` and return the replies received within ``timeout_s``."""
-
-
-class PlainTransport:
-    """One ``send_and_receive`` exchange per round."""
-
-    def exchange(self, grid: Grid, messages: list[Message], timeout_s: float) -> list[Message]:
-        """Send every message and wait for the replies."""
-        return list(grid.send_and_receive(messages, timeout=timeout_s))
-
-
-class _SampledGrid(Grid):
-    """A view of ``grid`` whose nodes are only this round's sampled clients.
-
-    Strategies are built with ``fraction_train = 1.0``, so they address exactly the
-    nodes this view lists: the loop decides who takes part, the strategy what they get.
-    """
-
-    def __init__(self, grid: Grid, node_ids: Sequence[int]) -> None:
-        self._grid = grid
-        self._node_ids = list(node_ids)
-
-    def set_run(self, run: Run) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self._grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self._node_ids)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        return self._grid.send_and_receive(messages, timeout=timeout)
-
-
-def sample_clients(node_ids: Iterable[int], num: int, seed: int, server_round: int) -> list[int]:
-    """Pick ``num`` distinct nodes for ``server_round``; the same inputs give the same pick."""
-    pool = sorted(node_ids)
-    rng = np.random.default_rng([seed, server_round])
-    # Pick positions, not ids: Flower's node ids are unsigned 64-bit, which numpy would
-    # turn into float64 (and round) when given a mixed list.
-    return sorted(pool[int(i)] for i in rng.choice(len(pool), size=num, replace=False))
-
-
-def check_update(reply: Message, reference: Mapping[str, np.ndarray]) -> tuple[Message | None, str | None]:
-    """Check a training reply; return a clean copy to aggregate, or why it cannot be.
-
-    A tensor arrives as plain weights or as a compressed update against the global model
-    the server sent (:mod:`fedge.update_records`), which is decoded here and added to
-    ``reference``. A reply is rejected for: an error instead of content, no or several
-    ArrayRecords, arrays that do not decode (a malformed, truncated or over-long codec
-    payload, an unknown codec version or id), or whose names, decoded shapes or dtypes
-    differ from the global model's, NaN or Inf values, or a missing, non-finite or
-    non-positive ``num-examples``. Anything that raises while being read is a rejection
-    too, never a crash of the round.
-
-    Parameters
-    ----------
-    reply : Message
-        A client's reply to a training message.
-    reference : Mapping[str, ndarray]
-        The global model this round sent, by tensor name.
-
-    Returns
-    -------
-    tuple
-        ``(clean, None)`` where ``clean`` carries only the decoded weights and
-        ``num-examples`` (so strategies see uniform replies whatever else a client sent),
-        or ``(None, reason)``.
-    """
-    if reply.has_error():
-        return None, f"client error: {reply.error.reason}"
-    try:
-        content = reply.content
-        if len(content.array_records) != 1:
-            return None, f"expected one ArrayRecord, got {len(content.array_records)}"
-        arrays = next(iter(content.array_records.values()))
-        if set(arrays.keys()) != set(reference):
-            missing = sorted(set(reference) - set(arrays.keys()))
-            extra = sorted(set(arrays.keys()) - set(reference))
-            return None, f"array names differ from the model's (missing {missing}, unexpected {extra})"
-        decoded: dict[str, np.ndarray] = {}
-        for name, array in arrays.items():
-            shape, dtype = reference[name].shape, reference[name].dtype
-            # The declared shape/dtype and the bytes can disagree: check what decodes.
-            try:
-                values = decode_array(array, reference[name])
-            except CodecError as err:
-                return None, f"bad compressed update for {name!r}: {err}"
-            if values.shape != shape or values.dtype != dtype:
-                return (
-                    None,
-                    f"array {name!r} is {values.dtype}{list(values.shape)}, expected {dtype}{list(shape)}",
-                )
-            if values.dtype.kind == "f" and not np.isfinite(values).all():
-                return None, f"array {name!r} holds NaN or Inf"
-            decoded[name] = values
-        if len(content.metric_records) != 1:
-            return None, f"expected one MetricRecord, got {len(content.metric_records)}"
-        metrics = next(iter(content.metric_records.values()))
-        num_examples = metrics.get(NUM_EXAMPLES)
-        if (
-            isinstance(num_examples, bool)
-            or not isinstance(num_examples, int | float)
-            or not math.isfinite(num_examples)
-            or not num_examples > 0
-        ):
-            return None, f"{NUM_EXAMPLES} must be a positive finite number, got {num_examples!r}"
-    except Exception as err:  # undecodable bytes, a bogus dtype, ...: drop, never crash
-        return None, f"unreadable update ({type(err).__name__}: {err})"
-    clean = RecordDict(
-        {ARRAYS_KEY: numpy_to_arrays(decoded), METRICS_KEY: MetricRecord({NUM_EXAMPLES: num_examples})}
-    )
-    return with_content(reply, clean), None
-
-
-def _weighted_metric(replies: Sequence[Message], key: str) -> float | None:
-    """Example-weighted mean of a scalar metric; replies without a usable value are skipped."""
-    pairs = []
-    for reply in replies:
-        if reply.has_error() or len(reply.content.metric_records) != 1:
-            continue
-        metrics = next(iter(reply.content.metric_records.values()))
-        weight, value = metrics.get(NUM_EXAMPLES), metrics.get(key)
-        if (
-            isinstance(weight, int | float)
-            and isinstance(value, int | float)
-            and math.isfinite(weight)
-            and math.isfinite(value)
-            and weight > 0
-        ):
-            pairs.append((float(weight), float(value)))
+def _weighted_mean(pairs: Sequence[tuple[float, float]]) -> float | None:
     total = sum(w for w, _ in pairs)
     return sum(w * v for w, v in pairs) / total if total > 0 else None
 
 
-def wait_for_nodes(grid: Grid, num: int, timeout_s: float) -> list[int]:
-    """Wait until ``grid`` lists at least ``num`` nodes (deployment: SuperNodes connecting)."""
-    deadline = time.monotonic() + timeout_s
-    reported = -1
-    while True:
-        node_ids = list(grid.get_node_ids())
-        if len(node_ids) >= num:
-            return node_ids
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"only {len(node_ids)} of the {num} clients a round needs connected within "
-                f"{timeout_s:.0f} s; start more SuperNodes or lower clients-per-round"
-            )
-        if len(node_ids) != reported:
-            log.info("waiting for clients: %d connected, %d needed (clients-per-round)", len(node_ids), num)
-            reported = len(node_ids)
-        time.sleep(1.0)
+def _references(messages: Sequence[Message]) -> dict[int, dict[str, dict[str, np.ndarray]]]:
+    """What each node was sent, by record and tensor (before any fp16 downlink)."""
+    cache: dict[int, dict[str, np.ndarray]] = {}
+    out: dict[int, dict[str, dict[str, np.ndarray]]] = {}
+    for message in messages:
+        records = {}
+        for key, record in message.content.array_records.items():
+            # Strategies put one shared ArrayRecord in every message: unpack it once.
+            if id(record) not in cache:
+                cache[id(record)] = arrays_to_numpy(record)
+            records[key] = cache[id(record)]
+        out[int(message.metadata.dst_node_id)] = records
+    return out
 
 
 class RoundLoop:
@@ -311,7 +209,8 @@ class RoundLoop:
     cfg : RunConfig
         The run's configuration.
     strategy : Strategy
-        A Flower Message-API strategy (built with ``fraction_train = 1.0``).
+        A Flower Message-API strategy (built with ``fraction_train = 1.0``); what it
+        declares (:func:`fedge.strategies.strategy_info`) decides how it is fed.
     initial_arrays : ArrayRecord
         The global model before round 1 (ignored when resuming).
     evaluate_fn : callable
@@ -321,7 +220,17 @@ class RoundLoop:
     hooks : sequence of RoundHook
         Called after each round (an exception in a hook is logged, not raised).
     transport : Transport, optional
-        Defaults to :class:`PlainTransport`.
+        Defaults to :class:`~fedge.server.transport.PlainTransport`.
+    mean_stages : sequence of MeanStage
+        Applied in order to the mean update before a linear strategy sees it.
+    components : mapping of str to Stateful
+        Further components whose ``state_dict`` the checkpoint keeps (an accountant).
+
+    Raises
+    ------
+    ValueError
+        If the transport returns only an aggregate and the strategy needs per-client
+        replies.
     """
 
     def __init__(
@@ -333,16 +242,47 @@ class RoundLoop:
         run_dir: Path,
         hooks: Sequence[RoundHook] = (),
         transport: Transport | None = None,
+        mean_stages: Sequence[MeanStage] = (),
+        components: Mapping[str, Stateful] | None = None,
     ) -> None:
         self.cfg = cfg
         self.strategy = strategy
+        self.info = strategy_info(strategy)
         self.arrays = initial_arrays
         self.evaluate_fn = evaluate_fn
         self.run_dir = Path(run_dir)
         self.hooks = list(hooks)
-        self.transport = transport or PlainTransport()
+        self.transport: Transport = transport or PlainTransport()
+        self.mean_stages = list(mean_stages)
+        self.components = dict(components or {})
+        reserved = {LOOP_COMPONENT, STRATEGY_COMPONENT, TRANSPORT_COMPONENT} & set(self.components)
+        if reserved:
+            raise ValueError(f"component names {sorted(reserved)} are the loop's own")
+        if not self.transport.per_client and not self.info.linear:
+            raise ValueError(
+                f"{type(strategy).__name__} needs every client's update, but this transport delivers only "
+                "their sum (secure aggregation); choose a linear strategy (fedavg, fedavgm, fedprox, "
+                "fedadam, fedyogi, fedadagrad)"
+            )
         self.history: list[RoundRecord] = []
         self.last_round = 0
+
+    # --- state ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The loop's own counters (sampling and every seeded stream derive from the round)."""
+        return {"last-round": np.asarray(self.last_round, dtype=np.int64)}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.last_round = int(state["last-round"])
+
+    def _components(self) -> dict[str, Any]:
+        parts: dict[str, Any] = {LOOP_COMPONENT: self}
+        if callable(getattr(self.transport, "state_dict", None)):
+            parts[TRANSPORT_COMPONENT] = self.transport
+        parts.update(self.components)
+        return parts
 
     # --- resume -------------------------------------------------------------------
 
@@ -351,18 +291,29 @@ class RoundLoop:
 
         ``metrics.jsonl`` is rewritten from the checkpoint's history, which drops a
         line written after the last checkpoint by a run that then died.
+
+        Raises
+        ------
+        CheckpointError
+            If a key outside :data:`MAY_CHANGE_ON_RESUME` changed, ``num-rounds`` is below
+            the rounds completed, or the checkpoint holds another model.
         """
         ckpt = load_checkpoint(self.run_dir)
         now = self.cfg.to_mapping()
         changed = [
             f"{key} ({ckpt.config.get(key)!r} -> {now[key]!r})"
-            for key in FIXED_ON_RESUME
-            if key in ckpt.config and ckpt.config[key] != now[key]
+            for key in now
+            if key not in MAY_CHANGE_ON_RESUME and key in ckpt.config and ckpt.config[key] != now[key]
         ]
         if changed:
             raise CheckpointError(
-                f"cannot resume {self.run_dir} with a different {', '.join(changed)}; "
-                "keep them, or start a new run with --out"
+                f"cannot resume {self.run_dir} with a different {', '.join(changed)}: the resumed run "
+                "would differ from the uninterrupted one; keep them, or start a new run with --out"
+            )
+        if self.cfg.num_rounds < ckpt.server_round:
+            raise CheckpointError(
+                f"num-rounds {self.cfg.num_rounds} is below the {ckpt.server_round} rounds {self.run_dir} "
+                f"already completed; pass --num-rounds {ckpt.server_round} or more"
             )
         shapes = {k: tuple(v.shape) for k, v in ckpt.model.items()}
         if shapes != {k: tuple(a.shape) for k, a in self.arrays.items()}:
@@ -371,7 +322,19 @@ class RoundLoop:
                 f"{self.cfg.model!r} builds; start a new run with --out"
             )
         self.arrays = numpy_to_arrays(ckpt.model)
-        load_strategy_state(self.strategy, ckpt.strategy_state)
+        try:
+            load_strategy_state_dict(self.strategy, ckpt.strategy_state)
+        except (ValueError, TypeError) as err:
+            raise CheckpointError(f"cannot restore the strategy from {self.run_dir}: {err}") from None
+        for name, component in self._components().items():
+            if name == LOOP_COMPONENT:
+                continue
+            if name not in ckpt.components:
+                raise CheckpointError(
+                    f"the checkpoint in {self.run_dir} has no state for {name!r}; it was written by a run "
+                    "without it: resume with the same settings, or start a new run with --out"
+                )
+            component.load_state_dict(ckpt.components[name])
         self.history = [RoundRecord(**h) for h in ckpt.history]
         self.last_round = ckpt.server_round
         lines = "".join(json.dumps(r.to_dict()) + "\n" for r in self.history)
@@ -383,6 +346,7 @@ class RoundLoop:
     def run(self, grid: Grid) -> list[RoundRecord]:
         """Run rounds ``last_round + 1 .. cfg.num_rounds`` on ``grid``; return the full history."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        federation = Federation(grid, self.transport, self.cfg.round_timeout_s)
         first = self.last_round + 1
         for hook in self.hooks:
             hook.on_start(first, self.cfg.num_rounds)
@@ -405,7 +369,7 @@ class RoundLoop:
             self._checkpoint()
             with open(self.run_dir / METRICS_FILE, "a") as fh:
                 fh.write(json.dumps(record.to_dict()) + "\n")
-            event = RoundEvent(server_round, self.arrays, record, self.run_dir, grid)
+            event = RoundEvent(server_round, self.arrays, record, self.run_dir, grid, federation)
             for hook in self.hooks:
                 try:
                     hook.on_round(event)
@@ -414,18 +378,21 @@ class RoundLoop:
         return self.history
 
     def _round_config(self, server_round: int) -> ConfigRecord:
+        """What every client gets with the model: only the settings it needs."""
         cfg = self.cfg
         record = ConfigRecord(
             {
+                SERVER_ROUND: server_round,
                 LR: cfg.lr,
                 MOMENTUM: cfg.momentum,
                 LOCAL_EPOCHS: cfg.local_epochs,
                 BATCH_SIZE: cfg.batch_size,
                 SEED: cfg.seed,
+                **cfg.client_settings(),
             }
         )
         if cfg.compression != "none" or cfg.downlink == "fp16":
-            # The client's compression mod reads these; one rotation seed per round, shared
+            # The client's update pipeline reads these; one rotation seed per round, shared
             # by every client (rotated updates must stay summable under secure aggregation).
             # An fp16 downlink asks for updates even uncompressed ("none"): the server adds
             # them to its fp32 model, which plain weights trained from the fp16 copy would
@@ -436,21 +403,112 @@ class RoundLoop:
         return record
 
     def _downlink(self, messages: list[Message]) -> list[Message]:
-        """The messages as sent: with ``downlink = fp16``, the model's float32 tensors as float16."""
+        """The messages as sent: with ``downlink = fp16``, every float32 ArrayRecord as float16."""
         if self.cfg.downlink != "fp16":
             return messages
         # Strategies put one shared ArrayRecord (the global model) in every message:
-        # convert it once, not once per client.
+        # convert each once, not once per client.
         halves: dict[int, ArrayRecord] = {}
         for message in messages:
             content = message.content
-            if ARRAYS_KEY in content.array_records:
-                full = content.array_records[ARRAYS_KEY]
-                if id(full) not in halves:
-                    halves[id(full)] = to_fp16(full)
-                # A new RecordDict per message: strategies share one between their messages.
-                message.content = RecordDict({**dict(content), ARRAYS_KEY: halves[id(full)]})
+            converted = {}
+            for key, record in content.array_records.items():
+                if id(record) not in halves:
+                    halves[id(record)] = to_fp16(record)
+                converted[key] = halves[id(record)]
+            # A new RecordDict per message: strategies share one between their messages.
+            message.content = RecordDict({**dict(content), **converted})
         return messages
+
+    def _check_replies(
+        self, server_round: int, exchange: Exchange, references: Mapping[int, Any]
+    ) -> tuple[list[CheckedUpdate], list[Dropped]]:
+        checked: list[CheckedUpdate] = []
+        dropped = [Dropped(n, "no reply within round-timeout-s") for n in exchange.missing]
+        internal = 0
+        for reply in exchange.replies:
+            node = int(reply.metadata.src_node_id)
+            if node not in references:
+                reason: str | None = f"reply from node {node}, which this round did not ask"
+                update = None
+            else:
+                update, reason = check_update(
+                    reply, references[node], self.info.reply, self.cfg.max_examples_per_client
+                )
+            if update is not None:
+                checked.append(update)
+            else:
+                assert reason is not None
+                internal += reason.startswith(INTERNAL_ERROR)
+                dropped.append(Dropped(node, reason))
+                log.warning("round %d: dropped update of node %d: %s", server_round, node, reason)
+        if internal:
+            log.error(
+                "round %d: %d replies hit a bug in fedge's checks (tracebacks above)", server_round, internal
+            )
+        # Sorting fixes the summation order, so aggregation is bit-reproducible.
+        checked.sort(key=lambda u: u.node_id)
+        return checked, dropped
+
+    def _aggregate(
+        self,
+        server_round: int,
+        checked: list[CheckedUpdate],
+        aggregate: Aggregate | None,
+        base: Mapping[str, Mapping[str, np.ndarray]],
+    ) -> ArrayRecord | None:
+        """The new global model from this round's updates, or ``None`` to keep the old one.
+
+        ``base`` is what the updates are relative to: the records the server sent.
+        """
+        if self.info.linear:
+            assert aggregate is not None
+            if not aggregate.is_finite():
+                log.warning(
+                    "round %d: the aggregate is not finite; keeping the previous global model", server_round
+                )
+                return None
+            mean = aggregate.mean()
+            for stage in self.mean_stages:
+                mean = stage(server_round, mean)
+            if set(mean) != {ARRAYS_KEY} | set(self.info.reply.array_records):
+                raise ValueError(f"the aggregate holds records {sorted(mean)}, not the declared ones")
+            content: dict[str, Any] = {
+                key: numpy_to_arrays(add_update(base[key], values)) for key, values in mean.items()
+            }
+            content[METRICS_KEY] = MetricRecord({NUM_EXAMPLES: aggregate.total_weight})
+            template = checked[0].message if checked else None
+            synthetic = (
+                with_content(template, RecordDict(content))
+                if template is not None
+                else Message(RecordDict(content), dst_node_id=0, message_type="train")
+            )
+            replies = [synthetic]
+        else:
+            replies = [u.message for u in checked]
+        try:
+            new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
+        except Exception:  # a strategy refusing the replies must not end the run
+            log.exception("round %d: %s could not aggregate", server_round, type(self.strategy).__name__)
+            return None
+        if new_arrays is None:
+            return None
+        reason = self._model_problem(new_arrays)
+        if reason is not None:
+            log.warning("round %d: %s; keeping the previous global model", server_round, reason)
+            return None
+        return new_arrays
+
+    def _model_problem(self, arrays: ArrayRecord) -> str | None:
+        """Why an aggregated model cannot become the global model (``None``: it can)."""
+        old = arrays_to_numpy(self.arrays)
+        new = arrays_to_numpy(arrays)
+        if {k: (v.shape, v.dtype) for k, v in new.items()} != {k: (v.shape, v.dtype) for k, v in old.items()}:
+            return "the strategy returned a model of other tensors, shapes or dtypes"
+        bad = [k for k, v in new.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+        if bad:
+            return f"the aggregated model holds NaN or Inf in {bad[:3]}"
+        return None
 
     def run_round(self, grid: Grid, server_round: int) -> RoundRecord:
         """One round of training (and evaluation) starting from ``self.arrays``."""
@@ -458,115 +516,131 @@ class RoundLoop:
         start = time.perf_counter()
         node_ids = wait_for_nodes(grid, cfg.clients_per_round, cfg.round_timeout_s)
         sampled = sample_clients(node_ids, cfg.clients_per_round, cfg.seed, server_round)
-        messages = self._downlink(
-            list(
-                self.strategy.configure_train(
-                    server_round, self.arrays, self._round_config(server_round), _SampledGrid(grid, sampled)
-                )
-            )
+        config = self._round_config(server_round)
+        messages = list(
+            self.strategy.configure_train(server_round, self.arrays, config, SampledGrid(grid, sampled))
         )
+        references = _references(messages)
+        messages = self._downlink(messages)
         bytes_down = sum(payload_bytes(m.content) for m in messages)
-        replies = self.transport.exchange(grid, messages, cfg.round_timeout_s)
-        bytes_up = sum(payload_bytes(r.content) for r in replies if r.has_content())
+        exchange = self.transport.exchange(
+            grid, messages, RoundContext(server_round, TRAIN, config, cfg.round_timeout_s)
+        )
+        bytes_up = sum(payload_bytes(r.content) for r in exchange.replies if r.has_content())
 
-        reference = arrays_to_numpy(self.arrays)
-        valid: list[Message] = []
-        accepted: list[Message] = []
-        for reply in replies:
-            clean, reason = check_update(reply, reference)
-            if clean is not None:
-                valid.append(clean)
-                accepted.append(reply)
-            else:
-                log.warning(
-                    "round %d: dropped update of node %d: %s",
-                    server_round,
-                    reply.metadata.src_node_id,
-                    reason,
-                )
-        missing = len(messages) - len(replies)
-        if missing:
-            log.warning(
-                "round %d: %d of %d clients did not reply in time", server_round, missing, len(messages)
+        checked, dropped = self._check_replies(server_round, exchange, references)
+        if exchange.aggregate is None and self.info.linear:
+            aggregate: Aggregate | None = sum_updates(
+                [u.updates for u in checked], [float(u.num_examples) for u in checked], dropped
             )
-        # Sorting fixes the summation order, so aggregation is bit-reproducible.
-        valid.sort(key=lambda m: m.metadata.src_node_id)
-
+        else:
+            aggregate = exchange.aggregate
+        num_clients = exchange.aggregate.num_clients if exchange.aggregate is not None else len(checked)
         needed = cfg.min_replies(len(messages))
-        aggregated = False
-        if len(valid) >= needed:
-            try:
-                new_arrays, _ = self.strategy.aggregate_train(server_round, valid)
-            except Exception:  # a strategy refusing the replies must not end the run
-                log.exception("round %d: %s could not aggregate", server_round, type(self.strategy).__name__)
-                new_arrays = None
-            if new_arrays is not None:
-                self.arrays = new_arrays
-                aggregated = True
+        new_arrays = None
+        if num_clients >= needed:
+            base = references[checked[0].node_id] if checked else {ARRAYS_KEY: arrays_to_numpy(self.arrays)}
+            new_arrays = self._aggregate(server_round, checked, aggregate, base)
         else:
             log.warning(
                 "round %d: only %d valid updates of %d sampled (min-reply-fraction needs %d); "
                 "keeping the previous global model",
                 server_round,
-                len(valid),
+                num_clients,
                 len(messages),
                 needed,
             )
+        aggregated = new_arrays is not None
+        if new_arrays is not None:
+            self.arrays = new_arrays
 
         federated_accuracy = (
             self._federated_evaluate(grid, server_round, node_ids) if cfg.fraction_evaluate > 0 else None
         )
         central = self.evaluate_fn(self.arrays)
+        losses = [(float(u.num_examples), float(u.train_loss)) for u in checked if u.train_loss is not None]
         return RoundRecord(
             round=server_round,
             accuracy=central.accuracy,
             loss=central.loss,
-            clients=len(valid) if aggregated else 0,
+            clients=num_clients if aggregated else 0,
             bytes_up=bytes_up,
             bytes_down=bytes_down,
             wall_s=time.perf_counter() - start,
             sampled=len(messages),
-            dropped=len(messages) - len(valid),
+            dropped=len(messages) - num_clients,
             aggregated=aggregated,
-            train_loss=_weighted_metric(accepted, TRAIN_LOSS),
+            train_loss=_weighted_mean(losses),
             federated_accuracy=federated_accuracy,
         )
 
     def _federated_evaluate(self, grid: Grid, server_round: int, node_ids: list[int]) -> float | None:
         num = max(1, round(self.cfg.fraction_evaluate * len(node_ids)))
-        sampled = sample_clients(node_ids, num, self.cfg.seed + 1, server_round)
+        sampled = sample_clients(node_ids, num, self.cfg.seed, server_round, Stream.EVALUATION_SAMPLING)
+        config = ConfigRecord({SERVER_ROUND: server_round, **self.cfg.client_settings()})
         messages = self._downlink(
             list(
                 self.strategy.configure_evaluate(
-                    server_round, self.arrays, ConfigRecord(), _SampledGrid(grid, sampled)
+                    server_round, self.arrays, config, SampledGrid(grid, sampled)
                 )
             )
         )
-        replies = self.transport.exchange(grid, messages, self.cfg.round_timeout_s)
-        return _weighted_metric(replies, EVAL_ACCURACY)
+        exchange = self.transport.exchange(
+            grid, messages, RoundContext(server_round, EVALUATE, config, self.cfg.round_timeout_s)
+        )
+        pairs = []
+        for reply in exchange.replies:
+            result, reason = check_evaluation(reply, self.cfg.max_examples_per_client)
+            if result is None:
+                log.warning(
+                    "round %d: dropped evaluation of node %d: %s",
+                    server_round,
+                    reply.metadata.src_node_id,
+                    reason,
+                )
+                continue
+            pairs.append((float(result.num_examples), result.accuracy))
+        return _weighted_mean(pairs)
 
     def _checkpoint(self) -> None:
+        components = {name: part.state_dict() for name, part in self._components().items()}
+        components[STRATEGY_COMPONENT] = strategy_state_dict(self.strategy)
         save_checkpoint(
             self.run_dir,
             Checkpoint(
                 server_round=self.last_round,
                 model=arrays_to_numpy(self.arrays),
-                strategy_state=strategy_state(self.strategy),
+                components=components,
                 config=self.cfg.to_mapping(),
                 history=[asdict(r) for r in self.history],
             ),
         )
 
 
+def require_some_round_aggregated(history: Sequence[RoundRecord]) -> None:
+    """Raise :class:`RunFailedError` when no round of ``history`` aggregated an update."""
+    if history and not any(r.aggregated for r in history):
+        dropped = sum(r.dropped for r in history)
+        raise RunFailedError(
+            f"no round aggregated an update: all {len(history)} rounds failed ({dropped} client updates "
+            "dropped or missing; the reasons are in the log above)"
+        )
+
+
 __all__ = [
+    "MAY_CHANGE_ON_RESUME",
     "METRICS_FILE",
+    "MeanStage",
     "PlainTransport",
     "RoundEvent",
     "RoundHook",
     "RoundLoop",
     "RoundRecord",
+    "RunFailedError",
+    "Stateful",
     "SummaryHook",
     "Transport",
     "check_update",
+    "require_some_round_aggregated",
     "sample_clients",
 ]

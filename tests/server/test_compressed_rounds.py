@@ -13,7 +13,8 @@ from flwr.serverapp import Grid
 from fedge.compression import parse_codec, payload_bytes
 from fedge.config import RunConfig
 from fedge.records import numpy_to_arrays
-from fedge.server.loop import PlainTransport, RoundLoop
+from fedge.server.loop import RoundLoop
+from fedge.server.transport import Exchange, PlainTransport, RoundContext
 from fedge.simulation.grid import InProcessGrid
 from fedge.strategies import build_strategy
 from fedge.training import EvalResult
@@ -33,11 +34,11 @@ class RecordingTransport(PlainTransport):
         self.sent: list[Message] = []
         self.received: list[Message] = []
 
-    def exchange(self, grid: Grid, messages: list[Message], timeout_s: float) -> list[Message]:
-        replies = super().exchange(grid, messages, timeout_s)
+    def exchange(self, grid: Grid, messages: list[Message], round_ctx: RoundContext) -> Exchange:
+        exchange = super().exchange(grid, messages, round_ctx)
         self.sent.extend(messages)
-        self.received.extend(replies)
-        return replies
+        self.received.extend(exchange.replies)
+        return exchange
 
 
 def _loop(tmp_path: Path, transport: RecordingTransport | None = None, **overrides: object) -> RoundLoop:

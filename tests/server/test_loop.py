@@ -67,8 +67,8 @@ def test_bad_updates_are_dropped_and_the_round_completes(
     assert "simulated training crash" in text
     assert "NaN or Inf" in text
     assert text.count("expected float32[4]") >= 2  # a wrong shape, and a declared shape that lies
-    assert "num-examples must be a positive finite number, got 0" in text
-    assert "num-examples must be a positive finite number, got inf" in text
+    assert "num-examples must be a positive whole number, got 0" in text
+    assert "num-examples must be a positive whole number, got inf" in text
     assert "unreadable update" in text
 
 
