@@ -2,9 +2,26 @@
 
 A published version is a folder ``round-NNNN/`` holding the model files, ``manifest.json``
 (canonical JSON: the round, the sha256 and size of every file, metrics, quantization
-settings, the parent version) and ``manifest.sig``, the raw 64-byte Ed25519 signature
-(RFC 8032) over the exact bytes of ``manifest.json``. Since the manifest pins every file's
-hash, one signature covers the whole folder.
+settings, the parent version, the run id, the model name and the release number) and
+``manifest.sig``, the raw 64-byte Ed25519 signature (RFC 8032) over the exact bytes of
+``manifest.json``. Since the manifest pins every file's hash, one signature covers the
+whole folder.
+
+Format 2 (this fedge) adds to format 1:
+
+* ``run_id``: 32 lowercase hex digits naming the fedge run (one per run folder, kept on
+  resume), so two runs that share a signing key never pass for one another;
+* ``model``: the zoo model's name (``cnn8``, ``mlp``, ...);
+* ``release``: an integer >= 1 that only grows across a registry (the next is the
+  largest published + 1); a device refuses a release older than or equal to the one
+  it runs unless a rollback is asked explicitly;
+* ``candidate``: true for the model the server sends clients for the federated int8
+  check, signed like a release so a client verifies it before it loads a byte, but
+  never installable or publishable as one.
+
+Every file is opened without blocking and without following links, and refused unless
+it is a regular file, so a FIFO or a device node in an artifact folder cannot make a
+reader hang.
 
 A reader verifies in a fixed order: the signature over the manifest bytes first, and
 only then parses them, checks the format and hashes the files. Nothing is unpickled and
@@ -30,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from fedge.files import fsync_dir
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
 MODEL_FILE = "model.onnx"
@@ -52,9 +69,20 @@ KEY_METRICS = "metrics"
 KEY_QUANTIZATION = "quantization"
 KEY_SHA256 = "sha256"
 KEY_BYTES = "bytes"
+KEY_RUN_ID = "run_id"
+KEY_MODEL = "model"
+KEY_RELEASE = "release"
+KEY_CANDIDATE = "candidate"
+
+# ConfigRecord keys of the federated int8 check's message: the candidate travels as a
+# signed manifest, its signature and the bytes of the files it lists.
+CANDIDATE_MANIFEST = "candidate-manifest"
+CANDIDATE_SIGNATURE = "candidate-signature"
+CANDIDATE_FP32_FILE = "model.fp32.onnx"
 
 _VERSION_RE = re.compile(r"round-(\d{4,})")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_RUN_ID_RE = re.compile(r"[0-9a-f]{32}")
 _RESERVED_NAMES = frozenset({MANIFEST_FILE, SIGNATURE_FILE})
 
 
@@ -136,7 +164,7 @@ def _file_entry(data: bytes | Path) -> dict[str, Any]:
     digest = hashlib.sha256()
     size = 0
     try:
-        with open(path, "rb") as fh:
+        with os.fdopen(open_regular(path), "rb") as fh:
             while chunk := fh.read(1 << 20):
                 digest.update(chunk)
                 size += len(chunk)
@@ -153,6 +181,10 @@ def build_manifest(
     quantization: dict[str, Any],
     parent: str | None,
     created_at: str,
+    run_id: str,
+    model: str,
+    release: int,
+    candidate: bool = False,
 ) -> dict[str, Any]:
     """The manifest of a version: what it is, where it came from, and the hash of every file.
 
@@ -171,21 +203,32 @@ def build_manifest(
         The version this one follows, or None for the first.
     created_at : str
         ISO 8601 UTC time, passed in so that identical inputs give identical bytes.
+    run_id : str
+        The fedge run's id, 32 lowercase hex digits (``fedge.server.export_hook.run_id``).
+    model : str
+        The model's name in the zoo, e.g. ``"cnn8"``.
+    release : int
+        The monotonic release number, >= 1 (``Registry.next_release``).
+    candidate : bool, default False
+        True for a federated-check candidate: signed, but never installed or published.
 
     Returns
     -------
     dict
         ``{"format", "round", "version", "created_at", "parent", "files": {name:
-        {"sha256", "bytes"}}, "metrics", "quantization"}``.
+        {"sha256", "bytes"}}, "metrics", "quantization", "run_id", "model", "release",
+        "candidate"}``.
 
     Raises
     ------
     ArtifactError
-        On a bad round, file name, parent, or a value JSON cannot hold.
+        On a bad round, file name, parent, run id, model name, release, or a value JSON
+        cannot hold.
     """
     version = version_name(server_round)
     if parent is not None:
         version_round(parent)
+    _check_identity(run_id, model, release, candidate, "build_manifest")
     if not files:
         raise ArtifactError("an artifact needs at least one file (model.onnx)")
     entries = {_check_file_name(name): _file_entry(data) for name, data in sorted(files.items())}
@@ -199,12 +242,102 @@ def build_manifest(
         KEY_FILES: entries,
         KEY_METRICS: dict(metrics),
         KEY_QUANTIZATION: dict(quantization),
+        KEY_RUN_ID: run_id,
+        KEY_MODEL: model,
+        KEY_RELEASE: release,
+        KEY_CANDIDATE: candidate,
     }
     result: dict[str, Any] = json.loads(canonical_json(manifest))
     return result
 
 
+def _check_identity(run_id: object, model: object, release: object, candidate: object, where: str) -> None:
+    if not isinstance(run_id, str) or _RUN_ID_RE.fullmatch(run_id) is None:
+        raise ArtifactError(
+            f"{where}: run_id {run_id!r} is not 32 lowercase hex digits; use export_hook.run_id"
+        )
+    if not isinstance(model, str) or not model or len(model) > 64:
+        raise ArtifactError(f"{where}: model {model!r} is not a model name such as 'cnn8'")
+    if isinstance(release, bool) or not isinstance(release, int) or release < 1:
+        raise ArtifactError(f"{where}: release {release!r} is not a whole number >= 1")
+    if not isinstance(candidate, bool):
+        raise ArtifactError(f"{where}: candidate {candidate!r} is not true or false")
+
+
 # ---------------------------------------------------------------------------- file helpers
+
+
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of ``path`` if it is a regular file; never blocks, never follows a link.
+
+    ``O_NONBLOCK`` makes opening a FIFO return at once (a plain open waits for a writer
+    forever) and ``fstat`` on the descriptor checks the very file that was opened.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist (callers name what is missing).
+    ArtifactError
+        If it is a link, a FIFO, a folder, a device or anything but a regular file, or
+        cannot be opened.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise ArtifactError(
+            f"cannot open {_where(Path(path))} ({err.strerror}); it must be a regular file, not a link"
+        ) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ArtifactError(
+                f"{_where(Path(path))} is not a regular file (a {_file_kind(mode)}); "
+                "an artifact holds plain files only: copy the artifact again"
+            )
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISDIR, "folder"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISLNK, "link"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (see :func:`open_regular`).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ArtifactError
+        If it is not a regular file, cannot be read, or is larger than ``limit``.
+    """
+    fd = open_regular(path)
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as err:
+        raise ArtifactError(f"cannot read {_where(Path(path))} ({err.strerror})") from None
+    if len(data) > limit:
+        raise ArtifactError(f"{_where(Path(path))} is larger than {limit} bytes; it is not a fedge file")
+    return data
 
 
 def _write_new_file(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -437,17 +570,11 @@ def _remove_tree(path: Path) -> None:
 
 def _read_small(path: Path, limit: int, what: str) -> bytes:
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(limit + 1)
+        return read_regular(path, limit)
     except FileNotFoundError:
         raise ArtifactError(
             f"{what} {_where(path)} is missing; copy the whole artifact folder again or re-publish it"
         ) from None
-    except OSError as err:
-        raise ArtifactError(f"cannot read {_where(path)} ({err.strerror})") from None
-    if len(data) > limit:
-        raise ArtifactError(f"{_where(path)} is larger than {limit} bytes; it is not a fedge {what}")
-    return data
 
 
 def _where(path: Path) -> str:
@@ -464,6 +591,16 @@ def _check_manifest(manifest: Any, where: str) -> dict[str, Any]:
     server_round = manifest.get(KEY_ROUND)
     if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 0:
         raise bad(f"has no valid round ({server_round!r})")
+    try:
+        _check_identity(
+            manifest.get(KEY_RUN_ID),
+            manifest.get(KEY_MODEL),
+            manifest.get(KEY_RELEASE),
+            manifest.get(KEY_CANDIDATE),
+            where,
+        )
+    except ArtifactError as err:
+        raise bad(str(err).removeprefix(f"{where}: ").split(";")[0]) from None
     if manifest.get(KEY_VERSION) != version_name(server_round):
         raise bad(f"names version {manifest.get(KEY_VERSION)!r} for round {server_round}")
     files = manifest.get(KEY_FILES)
@@ -494,19 +631,13 @@ def check_file(artifact_dir: Path, name: str, entry: dict[str, Any]) -> None:
     """
     path = Path(artifact_dir) / name
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = open_regular(path)
     except FileNotFoundError:
         raise ArtifactError(
             f"{_where(path)} is listed in the manifest but missing; copy the whole artifact folder again"
         ) from None
-    except OSError as err:
-        raise ArtifactError(
-            f"cannot open {_where(path)} ({err.strerror}); it must be a regular file"
-        ) from None
     with os.fdopen(fd, "rb") as fh:
         st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ArtifactError(f"{_where(path)} is not a regular file; an artifact holds plain files only")
         if st.st_size != entry[KEY_BYTES]:
             raise ArtifactError(
                 f"{_where(path)} is {st.st_size} bytes, the manifest says {entry[KEY_BYTES]}; "
@@ -535,8 +666,10 @@ def read_verified_file(artifact_dir: Path, manifest: dict[str, Any], name: str) 
     if entry is None:
         raise ArtifactError(f"{_where(path.parent / MANIFEST_FILE)} does not list {name}")
     try:
-        with open(path, "rb") as fh:
+        with os.fdopen(open_regular(path), "rb") as fh:
             data = fh.read(entry[KEY_BYTES] + 1)
+    except FileNotFoundError:
+        raise ArtifactError(f"{_where(path)} is missing; install the artifact again") from None
     except OSError as err:
         raise ArtifactError(
             f"cannot read {_where(path)} ({err.strerror}); install the artifact again"
@@ -567,8 +700,8 @@ def read_signed_manifest(artifact_dir: Path, public_key: Ed25519PublicKey) -> tu
     Raises
     ------
     ArtifactError
-        If the manifest or its signature is missing, the signature does not verify, the
-        bytes are not a JSON object, or the format is newer than this fedge reads.
+        If the manifest or its signature is missing or not a regular file, or
+        :func:`parse_signed_manifest` refuses it.
     """
     artifact_dir = Path(artifact_dir)
     manifest_path = artifact_dir / MANIFEST_FILE
@@ -576,7 +709,34 @@ def read_signed_manifest(artifact_dir: Path, public_key: Ed25519PublicKey) -> tu
         raise ArtifactError(f"{artifact_dir} is not a folder; pass a published artifact folder (round-NNNN)")
     manifest_bytes = _read_small(manifest_path, MAX_MANIFEST_BYTES, "manifest")
     signature = _read_small(artifact_dir / SIGNATURE_FILE, SIGNATURE_BYTES, "signature")
-    where = _where(manifest_path)
+    return parse_signed_manifest(manifest_bytes, signature, public_key, _where(manifest_path)), manifest_bytes
+
+
+def parse_signed_manifest(
+    manifest_bytes: bytes, signature: bytes, public_key: Ed25519PublicKey, where: str
+) -> dict[str, Any]:
+    """Verify ``signature`` over ``manifest_bytes``, then parse and check the manifest.
+
+    The order is fixed: nothing of the bytes is parsed before the signature holds.
+
+    Parameters
+    ----------
+    manifest_bytes, signature : bytes
+        The exact manifest bytes and their 64-byte Ed25519 signature.
+    public_key : Ed25519PublicKey
+        The pinned key.
+    where : str
+        How messages name the manifest, e.g. ``"round-0003/manifest.json"``.
+
+    Raises
+    ------
+    ArtifactError
+        If the signature does not verify, the bytes are not a JSON object, the format
+        is older than this fedge reads (no run id or release) or newer, or a field is
+        missing or malformed.
+    """
+    if len(manifest_bytes) > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{where} is larger than {MAX_MANIFEST_BYTES} bytes; it is not a fedge manifest")
     try:
         verify_signature(public_key, manifest_bytes, signature)
     except ArtifactError:
@@ -598,7 +758,57 @@ def read_signed_manifest(artifact_dir: Path, public_key: Ed25519PublicKey) -> tu
             f"{where} has format {fmt} (from the future): this fedge reads up to {MANIFEST_FORMAT}; "
             "upgrade fedge on this device"
         )
-    return _check_manifest(manifest, where), manifest_bytes
+    if fmt < MANIFEST_FORMAT:
+        raise ArtifactError(
+            f"{where} has format {fmt}, which names no run and no release number, so a device cannot "
+            f"refuse a downgrade; re-export the model with this fedge (format {MANIFEST_FORMAT})"
+        )
+    return _check_manifest(manifest, where)
+
+
+def verify_candidate(
+    manifest_bytes: bytes, signature: bytes, files: dict[str, bytes], public_key: Ed25519PublicKey
+) -> dict[str, Any]:
+    """Verify a signed candidate held in memory (the federated int8 check's message).
+
+    In this order: the signature over ``manifest_bytes``, the format and fields, the
+    ``candidate`` mark, then that ``files`` holds exactly the listed files with the
+    listed sizes and sha256. Only then may a caller load the bytes.
+
+    Parameters
+    ----------
+    manifest_bytes, signature : bytes
+        As received.
+    files : dict[str, bytes]
+        File name -> bytes, as received.
+    public_key : Ed25519PublicKey
+        The client's pinned key.
+
+    Returns
+    -------
+    dict
+        The manifest.
+
+    Raises
+    ------
+    ArtifactError
+        With a one-line reason if any check fails.
+    """
+    where = "candidate manifest"
+    manifest = parse_signed_manifest(manifest_bytes, signature, public_key, where)
+    if manifest[KEY_CANDIDATE] is not True:
+        raise ArtifactError(f"{where} is a release, not a candidate; the server sends candidates only")
+    listed = manifest[KEY_FILES]
+    if set(files) != set(listed):
+        raise ArtifactError(
+            f"candidate files {sorted(files)} differ from those its manifest lists {sorted(listed)}"
+        )
+    for name, data in files.items():
+        if len(data) != listed[name][KEY_BYTES] or sha256_hex(data) != listed[name][KEY_SHA256]:
+            raise ArtifactError(
+                f"candidate {name} differs from its signed manifest; it was altered in transit"
+            )
+    return manifest
 
 
 def verify_artifact(artifact_dir: Path, public_key: Ed25519PublicKey) -> dict[str, Any]:

@@ -5,9 +5,12 @@ Layout under the registry root::
     round-0001/  round-0002/  round-0003/     one signed artifact folder per version
     current                                   "round-0003\\n": the version devices install
 
-Versions are immutable: published once by an atomic rename, never rewritten. The
-pointer is replaced atomically (temporary file, fsync, ``os.replace``, fsync of the
-folder), so at every moment it names the old version or the new one, never nothing.
+Versions are immutable: published once by an atomic rename, never rewritten. Each
+carries a release number that only grows (:meth:`Registry.next_release`); publish
+refuses a release that is not above every published one, and a federated-check
+candidate (``"candidate": true``) altogether. The pointer is replaced atomically
+(temporary file, fsync, ``os.replace``, fsync of the folder), so at every moment it
+names the old version or the new one, never nothing.
 """
 
 from __future__ import annotations
@@ -22,16 +25,22 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedge.deploy.artifacts import (
+    KEY_CANDIDATE,
+    KEY_RELEASE,
     KEY_VERSION,
     MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
     SIGNATURE_FILE,
     ArtifactError,
+    read_regular,
     verify_artifact,
     version_round,
 )
 from fedge.files import fsync_dir, write_bytes_atomic
 
 CURRENT_FILE = "current"
+# "round-0003\n" and nothing else: a pointer larger than this is not one.
+_MAX_POINTER_BYTES = 256
 
 
 class RegistryError(ArtifactError):
@@ -83,9 +92,13 @@ class Registry:
             If the pointer names something that is not a published version.
         """
         try:
-            text = (self.root / CURRENT_FILE).read_text(encoding="utf-8")
+            text = read_regular(self.root / CURRENT_FILE, _MAX_POINTER_BYTES).decode("utf-8", "replace")
         except FileNotFoundError:
             return None
+        except RegistryError:
+            raise
+        except ArtifactError as err:
+            raise RegistryError(str(err)) from None
         version = text.strip()
         if version not in self.versions():
             raise RegistryError(
@@ -104,6 +117,22 @@ class Registry:
         """
         self._check_known(version)
         return self.root / version
+
+    def release_of(self, version: str) -> int:
+        """The release number in a published version's manifest (0 if it has none).
+
+        The registry is the server's own folder: this reads, it does not verify.
+        """
+        try:
+            manifest = json.loads(read_regular(self.path(version) / MANIFEST_FILE, MAX_MANIFEST_BYTES))
+            release = manifest.get(KEY_RELEASE, 0) if isinstance(manifest, dict) else 0
+        except (FileNotFoundError, ValueError):
+            return 0
+        return release if isinstance(release, int) and not isinstance(release, bool) else 0
+
+    def next_release(self) -> int:
+        """The release number of the next version: the largest published one + 1 (1 when empty)."""
+        return max((self.release_of(v) for v in self.versions()), default=0) + 1
 
     # ------------------------------------------------------------------------ writing
 
@@ -126,12 +155,18 @@ class Registry:
             version is already published.
         """
         staged_dir = Path(staged_dir)
-        version = self._staged_version(staged_dir)
+        version, release = self._staged_version(staged_dir)
         target = self.root / version
         if target.exists():
             raise RegistryError(
                 f"{version} is already published in {self.root}; versions are immutable, "
                 "export a later round instead"
+            )
+        newest = self.next_release() - 1
+        if release <= newest:
+            raise RegistryError(
+                f"{staged_dir.name} is release {release}, but release {newest} is already published in "
+                f"{self.root}; releases only grow: build the manifest with release={newest + 1}"
             )
         self.root.mkdir(parents=True, exist_ok=True)
         try:
@@ -193,26 +228,37 @@ class Registry:
                 f"{version!r} is not published in {self.root}; published versions: {known or 'none'}"
             )
 
-    def _staged_version(self, staged_dir: Path) -> str:
+    def _staged_version(self, staged_dir: Path) -> tuple[str, int]:
+        """The staged folder's (version, release); a candidate is refused."""
         if self._public_key is not None:
             try:
-                return str(verify_artifact(staged_dir, self._public_key)[KEY_VERSION])
+                manifest = verify_artifact(staged_dir, self._public_key)
             except ArtifactError as err:
                 raise RegistryError(f"refusing to publish {staged_dir}: {err}") from None
-        for name in (MANIFEST_FILE, SIGNATURE_FILE):
-            if not (staged_dir / name).is_file():
-                raise RegistryError(f"{staged_dir} has no {name}; publish a folder written by write_artifact")
-        try:
-            # Only to name the folder; trust comes from verification, here or by the caller.
-            manifest = json.loads((staged_dir / MANIFEST_FILE).read_bytes())
-            version = manifest[KEY_VERSION]
-            version_round(version)
-        except (ValueError, KeyError, TypeError, ArtifactError):
+        else:
+            for name in (MANIFEST_FILE, SIGNATURE_FILE):
+                if not (staged_dir / name).is_file():
+                    raise RegistryError(
+                        f"{staged_dir} has no {name}; publish a folder written by write_artifact"
+                    )
+            try:
+                # Only to name the folder; trust comes from verification, here or by the caller.
+                manifest = json.loads(read_regular(staged_dir / MANIFEST_FILE, MAX_MANIFEST_BYTES))
+                version_round(manifest[KEY_VERSION])
+                release = manifest[KEY_RELEASE]
+                if isinstance(release, bool) or not isinstance(release, int) or release < 1:
+                    raise ValueError(release)
+            except (ValueError, KeyError, TypeError, FileNotFoundError, ArtifactError):
+                raise RegistryError(
+                    f"{staged_dir / MANIFEST_FILE} has no valid version or release; "
+                    "publish a folder written by write_artifact"
+                ) from None
+        if manifest.get(KEY_CANDIDATE) is not False:
             raise RegistryError(
-                f"{staged_dir / MANIFEST_FILE} has no valid version; "
-                "publish a folder written by write_artifact"
-            ) from None
-        return str(version)
+                f"refusing to publish {staged_dir}: it is a federated-check candidate, not a release; "
+                "build the manifest with candidate=False"
+            )
+        return str(manifest[KEY_VERSION]), int(manifest[KEY_RELEASE])
 
     def _copy_in(self, staged_dir: Path, target: Path) -> None:
         tmp = self.root / f".{target.name}.incoming-{secrets.token_hex(4)}"

@@ -8,10 +8,14 @@ Layout under the install folder::
 
 An install verifies the source with the pinned public key before anything is copied,
 copies only the files the manifest lists into a hidden staging folder, verifies the
-copy again (the source may change under us), renames it into ``versions/`` and then
+copy again (the source may change under us), loads its model in ONNX Runtime (a model
+that does not load never becomes current), renames it into ``versions/`` and then
 moves the pointers, each atomically. Any failure leaves the installed version as it
-was, byte for byte. Loading re-verifies the signature and hashes the very bytes that
-are handed to ONNX Runtime, so a model altered on disk after install is refused.
+was, byte for byte. A release older than or equal to the current one is refused
+unless ``allow_rollback`` is passed: a replayed old artifact, validly signed, cannot
+take a device back. A federated-check candidate is never installed. Loading
+re-verifies the signature and hashes the very bytes that are handed to ONNX Runtime,
+so a model altered on disk after install is refused.
 """
 
 from __future__ import annotations
@@ -28,13 +32,18 @@ import onnxruntime as ort
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedge.deploy.artifacts import (
+    KEY_CANDIDATE,
     KEY_FILES,
+    KEY_RELEASE,
+    KEY_RUN_ID,
     KEY_VERSION,
     MANIFEST_FILE,
     MODEL_FILE,
     SIGNATURE_FILE,
     ArtifactError,
     check_files,
+    open_regular,
+    read_regular,
     read_signed_manifest,
     read_verified_file,
     verify_artifact,
@@ -46,6 +55,7 @@ from fedge.files import fsync_dir, write_bytes_atomic
 VERSIONS_DIR = "versions"
 PREVIOUS_FILE = "previous"
 STAGING_PREFIX = ".staging-"
+_MAX_POINTER_BYTES = 256
 
 # benchmark() keys.
 LATENCY_MS_P50 = "latency_ms_p50"
@@ -93,7 +103,7 @@ class DeviceRuntime:
 
     def _read_pointer(self, name: str) -> str | None:
         try:
-            text = (self.install_dir / name).read_text(encoding="utf-8")
+            text = read_regular(self.install_dir / name, _MAX_POINTER_BYTES).decode("utf-8", "replace")
         except FileNotFoundError:
             return None
         version = text.strip()
@@ -115,13 +125,17 @@ class DeviceRuntime:
 
     # ------------------------------------------------------------------------ install
 
-    def install(self, source: Path) -> str:
+    def install(self, source: Path, *, allow_rollback: bool = False) -> str:
         """Verify and install a version, make it current and keep the old one for rollback.
 
         Parameters
         ----------
         source : Path
             An artifact folder, or a registry root (its ``current`` version is taken).
+        allow_rollback : bool, default False
+            Accept a release older than or equal to the current one (an explicit
+            rollback). Without it such a release is refused; installing the very
+            artifact that is current again changes nothing either way.
 
         Returns
         -------
@@ -133,23 +147,33 @@ class DeviceRuntime:
         ArtifactError
             If the source does not verify with the pinned key (missing manifest or
             signature, bad signature, format from the future, missing, truncated or
-            altered file), lists no ``model.onnx``, or names an installed version with
-            other contents. The installed version is then unchanged.
+            altered file), is a candidate, lists no ``model.onnx``, names an installed
+            version with other contents, is not newer than the current release (without
+            ``allow_rollback``), or its model does not load in ONNX Runtime. The
+            installed version is then unchanged.
         """
         source = self._resolve_source(Path(source))
         # Nothing is copied or loaded before the source verifies.
         manifest, manifest_bytes = read_signed_manifest(source, self._public_key)
         check_files(source, manifest)
+        where = f"{source.name}/{MANIFEST_FILE}"
+        if manifest[KEY_CANDIDATE]:
+            raise ArtifactError(
+                f"{where} is a federated-check candidate, not a release; install a published version"
+            )
         if MODEL_FILE not in manifest[KEY_FILES]:
-            raise ArtifactError(f"{source.name}/{MANIFEST_FILE} lists no {MODEL_FILE}; nothing to run")
+            raise ArtifactError(f"{where} lists no {MODEL_FILE}; nothing to run")
         version = str(manifest[KEY_VERSION])
         target = self._versions_dir / version
         old_current = self.current_version()
+        if old_current is not None:
+            self._check_not_older(manifest, manifest_bytes, old_current, where, allow_rollback)
         old_previous = _read_or_none(self.install_dir / PREVIOUS_FILE)
 
         created = False
         if target.exists():
             self._check_same_install(target, manifest_bytes, source)
+            _load_check(read_verified_file(target, manifest, MODEL_FILE), where)
         else:
             self._versions_dir.mkdir(parents=True, exist_ok=True)
             staging = self.install_dir / f"{STAGING_PREFIX}{secrets.token_hex(4)}"
@@ -166,6 +190,7 @@ class DeviceRuntime:
                         f"{source} changed while it was copied; install it again once it is complete"
                     )
                 check_files(staging, copied)
+                _load_check(read_verified_file(staging, copied, MODEL_FILE), where)
                 os.rename(staging, target)
                 created = True
                 fsync_dir(self._versions_dir)
@@ -207,6 +232,35 @@ class DeviceRuntime:
             f"{source} is neither an artifact folder ({MANIFEST_FILE}) nor a registry ({CURRENT_FILE}); "
             "pass a published round-NNNN folder or the registry root"
         )
+
+    def _check_not_older(
+        self,
+        manifest: dict[str, Any],
+        manifest_bytes: bytes,
+        current: str,
+        where: str,
+        allow_rollback: bool,
+    ) -> None:
+        """Refuse a release not newer than the current one, unless a rollback is asked."""
+        try:
+            installed, installed_bytes = read_signed_manifest(self._versions_dir / current, self._public_key)
+        except ArtifactError as err:
+            if allow_rollback:
+                return
+            raise ArtifactError(
+                f"the installed {current} does not verify ({err}); its release is unknown, so install "
+                "with allow_rollback (fedge infer --allow-rollback) to replace it"
+            ) from None
+        if installed_bytes == manifest_bytes or allow_rollback:
+            return  # the same artifact again, or an explicit rollback
+        new, old = manifest[KEY_RELEASE], installed[KEY_RELEASE]
+        if new <= old:
+            same_run = "this run" if manifest[KEY_RUN_ID] == installed[KEY_RUN_ID] else "another run"
+            raise ArtifactError(
+                f"{where} is release {new} ({manifest[KEY_VERSION]}, {same_run}), not newer than the "
+                f"installed release {old} ({current}); a device never goes back unless asked: "
+                "pass allow_rollback (fedge infer --allow-rollback) to install it anyway"
+            )
 
     def _check_same_install(self, target: Path, manifest_bytes: bytes, source: Path) -> None:
         """An already installed version is reused only if it is intact and identical."""
@@ -301,7 +355,8 @@ class DeviceRuntime:
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        return ort.InferenceSession(self.model_bytes(), options, providers=["CPUExecutionProvider"])
+        version, _ = self._current_dir()
+        return _load(self.model_bytes(), options, f"{version}/{MODEL_FILE}")
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Class ids (argmax over the last axis of the first output) for a batch ``x``.
@@ -346,7 +401,7 @@ class DeviceRuntime:
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        sess = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        sess = _load(model, options, f"{version}/{MODEL_FILE}")
         feed = {
             inp.name: np.zeros(
                 [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape],
@@ -373,6 +428,26 @@ class DeviceRuntime:
         }
 
 
+def _load(model: bytes, options: ort.SessionOptions, where: str) -> ort.InferenceSession:
+    """An ONNX Runtime session of verified ``model`` bytes; ArtifactError (one line) if ORT refuses."""
+    try:
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # ORT raises its own Fail/InvalidGraph/... types, with long messages
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else type(err).__name__
+        raise ArtifactError(
+            f"{where} is signed but ONNX Runtime cannot load it ({first[:300]}); "
+            "publish a model this device's onnxruntime loads"
+        ) from None
+
+
+def _load_check(model: bytes, where: str) -> None:
+    """Load ``model`` once in ONNX Runtime before it may become current."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    _load(model, options, where)
+
+
 def _read_or_none(path: Path) -> bytes | None:
     try:
         return path.read_bytes()
@@ -383,7 +458,7 @@ def _read_or_none(path: Path) -> bytes | None:
 def _copy_durably(src: Path, dst: Path) -> None:
     """Copy a regular file (never through a symlink) and fsync the copy."""
     try:
-        fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = open_regular(src)
     except FileNotFoundError:
         raise ArtifactError(
             f"{src.parent.name}/{src.name} vanished while it was copied; install again"

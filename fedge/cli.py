@@ -19,6 +19,8 @@ from fedge import __version__
 from fedge.config import ConfigError, RunConfig, config_keys
 
 EXIT_USAGE = 2
+# The in-process engine could not run any client (workers that cannot start).
+EXIT_ENGINE = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument(
         "--install-dir", metavar="DIR", help="where the device keeps versions (default: temporary)"
     )
+    infer.add_argument(
+        "--allow-rollback",
+        action="store_true",
+        help="install even if the release is not newer than the installed one (an explicit rollback)",
+    )
     infer.set_defaults(func=_cmd_infer)
     return parser
 
@@ -124,6 +131,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         base = RunConfig.from_mapping(load_checkpoint(run_dir).config)
+        # A resumed run continues in its own folder; another --out would be ignored.
+        if args.out and Path(args.out).resolve() != run_dir.resolve():
+            raise ConfigError(
+                f"--resume {args.resume} continues the run in its own folder, but --out names "
+                f"{args.out}; drop --out (or copy the run folder there and resume that)"
+            )
     else:
         base = RunConfig()
     if args.config:
@@ -219,7 +232,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         raise ConfigError("nothing to do: pass --input FILE.npy, --benchmark, or both")
     with tempfile.TemporaryDirectory(prefix="fedge-device-") as tmp:
         runtime = DeviceRuntime(Path(args.install_dir or tmp), load_public_key(Path(args.public_key)))
-        version = runtime.install(Path(args.model))
+        version = runtime.install(Path(args.model), allow_rollback=args.allow_rollback)
         print(f"fedge: installed {version} (signature and hashes verified)", file=sys.stderr)
         if args.input:
             try:
@@ -249,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedge.deploy.registry import RegistryError
     from fedge.models import ModelError
     from fedge.server.checkpoint import CheckpointError
+    from fedge.simulation.grid import EngineError
 
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -269,6 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, ModelError, CheckpointError, ArtifactError, RegistryError) as err:
         print(f"fedge: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except EngineError as err:  # the simulation engine itself failed: not a usage error
+        print(f"fedge: error: {err}", file=sys.stderr)
+        return EXIT_ENGINE
     except OSError as err:  # a path that is a folder, unwritable, missing, ...
         print(f"fedge: error: {err.strerror or err}: {err.filename or ''}; check the path", file=sys.stderr)
         return EXIT_USAGE

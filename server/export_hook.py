@@ -7,6 +7,13 @@ training samples, or dynamic), measures both on the server's evaluation split
 publishes a passing model into the registry. A failure (an operator the exporter or
 quantizer cannot handle, a gate miss) is recorded and nothing is published; the
 training run goes on either way.
+
+Every manifest names the run (:func:`run_id`, kept in the run folder), the model and
+a release number one above the registry's newest. The federated int8 check
+(``export-federated-eval``) sends clients a signed candidate manifest
+(``"candidate": true``) with the two models; a client verifies it with its pinned key
+(``node_config["public-key"]``, the path :func:`public_key_path` returns) before it
+loads a byte. The gate then judges the clients' replies robustly (:func:`federated_gate`).
 """
 
 from __future__ import annotations
@@ -15,10 +22,11 @@ import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,10 +38,25 @@ from flwr.serverapp import Grid
 from fedge.config import RunConfig
 from fedge.data import load_dataset
 from fedge.deploy.artifacts import (
+    CANDIDATE_FP32_FILE,
+    CANDIDATE_MANIFEST,
+    CANDIDATE_SIGNATURE,
+    KEY_FILES,
+    KEY_METRICS,
+    KEY_RUN_ID,
+    MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
+    MODEL_FILE,
+    PRIVATE_KEY_FILE,
+    PUBLIC_KEY_FILE,
     ArtifactError,
     build_manifest,
+    canonical_json,
     generate_keypair,
     load_private_key,
+    read_regular,
+    sign,
+    version_name,
     write_artifact,
 )
 from fedge.deploy.export import (
@@ -61,6 +84,16 @@ log = logging.getLogger("fedge.server")
 
 ARTIFACTS_LOG = "artifacts.jsonl"
 KEYS_DIR = "keys"
+#: The run folder's file holding the run id (32 hex digits and a newline).
+RUN_ID_FILE = "run-id"
+#: The most examples one client may report in the federated int8 check. Every built-in
+#: dataset's partitions hold a few thousand test samples at most; a reply above this is
+#: a lie or a bug, and is left out (it would otherwise outweigh every honest client).
+MAX_CHECK_EXAMPLES = 100_000
+#: Below this many valid replies the gate takes the largest per-client drop (a liar can
+#: only make it refuse); from it on, the median (one liar cannot move it past the
+#: honest clients' values).
+MIN_CLIENTS_FOR_MEDIAN = 3
 # The server's evaluation of an ONNX candidate uses at most this many test samples
 # (a seeded subset beyond that): ONNX Runtime at batch 256 does 10k MNIST in ~1 s.
 MAX_EVAL_SAMPLES = 10_000
@@ -89,6 +122,75 @@ def gate_reasons(
     return reasons
 
 
+def federated_gate_reasons(cfg: RunConfig, check: FederatedCheck, latency_ms_p50_int8: float) -> list[str]:
+    """Why the gate refuses a candidate the clients checked: :attr:`FederatedCheck.drop`, then latency."""
+    reasons = []
+    if check.drop > cfg.export_max_accuracy_drop + 1e-12:
+        rule = "median" if check.clients >= MIN_CLIENTS_FOR_MEDIAN else "largest"
+        reasons.append(
+            f"the {rule} per-client int8 drop over {check.clients} clients is {check.drop * 100:.2f} points "
+            f"(export-max-accuracy-drop {cfg.export_max_accuracy_drop})"
+        )
+    # Accuracy 0 against 0: only the latency bound speaks.
+    return reasons + gate_reasons(cfg, 0.0, 0.0, latency_ms_p50_int8)
+
+
+def run_id(run_dir: Path) -> str:
+    """The run's id: 32 random hex digits made once per run folder and kept in it.
+
+    The first call writes ``run_dir/run-id`` (exclusively: two racing calls agree on
+    one id); a resumed run reads the same id back. It names the run in every manifest,
+    so two runs that share a signing key never pass for one another.
+
+    Raises
+    ------
+    ArtifactError
+        If ``run-id`` exists but does not hold an id (the message names the file).
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_ID_FILE
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(16) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    try:
+        text = read_regular(path, 64).decode("ascii", "replace").strip()
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} vanished; check who else writes to {run_dir}") from None
+    if len(text) != 32 or any(c not in "0123456789abcdef" for c in text):
+        raise ArtifactError(f"{path} does not hold a run id (32 hex digits); remove it to make a new one")
+    return text
+
+
+def signing_key_paths(cfg: RunConfig, run_dir: Path) -> tuple[Path, Path]:
+    """The private and public key a run signs with.
+
+    ``signing-key`` and the ``.pub`` beside it (``keys/signing.key`` ->
+    ``keys/signing.pub``, as ``fedge keys new`` writes them), or, when ``signing-key``
+    is empty, the run-local pair ``run_dir/keys/signing.key`` and ``signing.pub``.
+    """
+    if cfg.signing_key:
+        private = Path(cfg.signing_key)
+        return private, private.with_suffix(".pub")
+    keys = Path(run_dir) / KEYS_DIR
+    return keys / PRIVATE_KEY_FILE, keys / PUBLIC_KEY_FILE
+
+
+def public_key_path(cfg: RunConfig, run_dir: Path) -> Path:
+    """The public key clients pin for the run's federated int8 check: ``node_config["public-key"]``.
+
+    An engine gives every client this path (see :func:`signing_key_paths`); the file
+    exists once :class:`ExportHook` is built (before round 1).
+    """
+    return signing_key_paths(cfg, run_dir)[1]
+
+
 def weighted_accuracies(replies: list[tuple[int, float, float]]) -> tuple[float, float, int]:
     """Example-weighted federated accuracies of the two candidates.
 
@@ -112,19 +214,89 @@ def weighted_accuracies(replies: list[tuple[int, float, float]]) -> tuple[float,
     )
 
 
+def check_reply_metrics(num_examples: object, accuracy_fp32: object, accuracy_int8: object) -> str | None:
+    """Why a client's federated-check reply is refused, or None if it is valid.
+
+    ``num_examples`` must be an int (not bool, not float) in ``[1, MAX_CHECK_EXAMPLES]``;
+    both accuracies finite numbers in ``[0, 1]``.
+    """
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int):
+        return f"num-examples {num_examples!r} is not an integer"
+    if not 1 <= num_examples <= MAX_CHECK_EXAMPLES:
+        return f"num-examples {num_examples} is outside [1, {MAX_CHECK_EXAMPLES}]"
+    for name, value in (("accuracy-fp32", accuracy_fp32), ("accuracy-int8", accuracy_int8)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            return f"{name} {value!r} is not a finite number"
+        if not 0.0 <= value <= 1.0:
+            return f"{name} {value!r} is outside [0, 1]"
+    return None
+
+
+@dataclass(frozen=True)
+class FederatedCheck:
+    """What the federated int8 check measured.
+
+    Attributes
+    ----------
+    accuracy_fp32, accuracy_int8 : float
+        Example-weighted accuracies over the valid replies (reported, not gated).
+    drop : float
+        The gated int8 drop: the median of the per-client drops
+        ``accuracy_fp32_i - accuracy_int8_i`` with at least ``MIN_CLIENTS_FOR_MEDIAN``
+        valid replies, their maximum below that.
+    examples, clients : int
+        Examples and clients of the valid replies.
+    """
+
+    accuracy_fp32: float
+    accuracy_int8: float
+    drop: float
+    examples: int
+    clients: int
+
+
+def federated_gate(replies: list[tuple[int, float, float]]) -> FederatedCheck:
+    """Aggregate valid federated-check replies (see :func:`check_reply_metrics`) robustly.
+
+    The gated drop is per client, so a client's weight cannot matter: with ``k >= 3``
+    replies it is ``median_i(a32_i - a8_i)``, which one liar cannot push beyond the
+    range of the honest clients' drops; with 1 or 2 replies it is ``max_i``, so a liar
+    can make the gate refuse but never pass. Example weights (bounded by
+    ``MAX_CHECK_EXAMPLES``) only enter the reported accuracies.
+
+    Raises
+    ------
+    ValueError
+        If ``replies`` is empty.
+    """
+    if not replies:
+        raise ValueError("no client evaluated the candidate")
+    acc32, acc8, examples = weighted_accuracies(replies)
+    drops = [a32 - a8 for _, a32, a8 in replies]
+    drop = float(np.median(drops)) if len(drops) >= MIN_CLIENTS_FOR_MEDIAN else max(drops)
+    return FederatedCheck(acc32, acc8, drop, examples, len(replies))
+
+
 def federated_check(
-    cfg: RunConfig, grid: Grid, server_round: int, fp32: bytes, int8: bytes
-) -> tuple[float, float, int, int]:
-    """Send both candidates to a sample of clients; return their weighted accuracies.
+    cfg: RunConfig, grid: Grid, server_round: int, candidate: dict[str, bytes]
+) -> FederatedCheck:
+    """Send the signed candidate to a sample of clients; return their robust aggregate.
 
     Clients are the ``fraction-evaluate`` share of the connected ones (at least one), or
-    ``clients-per-round`` of them when ``fraction-evaluate`` is 0. A client that fails or
-    sends a malformed reply is left out, as in training rounds.
+    ``clients-per-round`` of them when ``fraction-evaluate`` is 0. A client that fails,
+    sends a malformed reply, or reports values :func:`check_reply_metrics` refuses is
+    left out, with a warning.
 
-    Returns
-    -------
-    tuple
-        ``(accuracy_fp32, accuracy_int8, num_examples, num_clients)``.
+    Parameters
+    ----------
+    candidate : dict of str to bytes
+        The ConfigRecord's values: the candidate manifest, its signature, and the fp32
+        and int8 model bytes (:meth:`ExportHook.sign_candidate`).
+
+    Raises
+    ------
+    ExportError
+        If no client returned a valid evaluation.
     """
     node_ids = list(grid.get_node_ids())
     num = (
@@ -133,34 +305,31 @@ def federated_check(
         else cfg.clients_per_round
     )
     sampled = sample_clients(node_ids, min(num, len(node_ids)), cfg.seed + 2, server_round)
-    content = RecordDict({CONFIG_KEY: ConfigRecord({ONNX_FP32: fp32, ONNX_INT8: int8})})
+    content = RecordDict({CONFIG_KEY: ConfigRecord(dict(candidate))})
     messages = [
         Message(content, node_id, f"{MessageType.EVALUATE}.{ONNX_ACTION}", group_id=str(server_round))
         for node_id in sampled
     ]
     replies: list[tuple[int, float, float]] = []
     for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout_s):
+        node = reply.metadata.src_node_id
         if reply.has_error() or len(reply.content.metric_records) != 1:
             reason = reply.error.reason if reply.has_error() else "no MetricRecord"
-            log.warning(
-                "round %d: int8 check of node %d failed: %s", server_round, reply.metadata.src_node_id, reason
-            )
+            log.warning("round %d: int8 check of node %d failed: %s", server_round, node, reason)
             continue
         metrics = next(iter(reply.content.metric_records.values()))
         values = [metrics.get(k) for k in (NUM_EXAMPLES, ACCURACY_FP32, ACCURACY_INT8)]
-        if not all(isinstance(v, int | float) and math.isfinite(v) for v in values) or not values[0] > 0:  # type: ignore[operator]
-            log.warning(
-                "round %d: int8 check of node %d sent bad metrics %s",
-                server_round,
-                reply.metadata.src_node_id,
-                values,
-            )
+        problem = check_reply_metrics(*values)
+        if problem is not None:
+            log.warning("round %d: int8 check of node %d left out: %s", server_round, node, problem)
             continue
         replies.append((int(values[0]), float(values[1]), float(values[2])))  # type: ignore[arg-type]
     if not replies:
-        raise ExportError("federated int8 check: no client returned a valid evaluation")
-    acc32, acc8, examples = weighted_accuracies(replies)
-    return acc32, acc8, examples, len(replies)
+        raise ExportError(
+            "federated int8 check: no client returned a valid evaluation (each client needs "
+            'node_config["public-key"], the run\'s signing.pub)'
+        )
+    return federated_gate(replies)
 
 
 class ExportHook:
@@ -182,16 +351,18 @@ class ExportHook:
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        if cfg.signing_key:
-            self.key_path = Path(cfg.signing_key)
-        else:
+        self.key_path, self.public_key_path = signing_key_paths(cfg, self.run_dir)
+        if not cfg.signing_key and not self.key_path.exists():
             # No key configured: a run-local pair, so a demo run still publishes signed models.
-            keys = self.run_dir / KEYS_DIR
-            self.key_path = keys / "signing.key"
-            if not self.key_path.exists():
-                keys.mkdir(parents=True, exist_ok=True)
-                generate_keypair(keys)
+            self.key_path.parent.mkdir(parents=True, exist_ok=True)
+            generate_keypair(self.key_path.parent)
         self.private_key = load_private_key(self.key_path)
+        if cfg.export_federated_eval and not self.public_key_path.is_file():
+            raise ArtifactError(
+                f"export-federated-eval needs the public key beside signing-key, {self.public_key_path}, "
+                "which clients pin; keep the pair `fedge keys new` wrote together"
+            )
+        self.run_id = run_id(self.run_dir)
         self.registry = Registry(Path(cfg.registry_dir) if cfg.registry_dir else self.run_dir / "artifacts")
         self._data: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
 
@@ -217,21 +388,119 @@ class ExportHook:
 
         Hooks run after the checkpoint, so a run that died during (or before) the export
         of a round resumes after that round; this keeps its model from going unexported.
+        The registry is the source of truth: a version of this run found there (the run
+        died after publishing, before its ``artifacts.jsonl`` line) is recorded as
+        published from its manifest, not exported again, and ``current`` is moved to it
+        if the crash came before the pointer moved.
         """
-        if self.cfg.exports_after(event.server_round) and not any(
-            e["round"] == event.server_round for e in self.summary_items()["artifacts"]
-        ):
+        if not self.cfg.exports_after(event.server_round):
+            return
+        if any(e["round"] == event.server_round for e in self._logged_entries()):
+            return
+        version = version_name(event.server_round)
+        recovered = self._registry_entry(version)
+        if recovered is None:
             self.on_round(event)
+            return
+        if (
+            self.registry.current() != version
+            and self.registry.next_release() - 1 == self.registry.release_of(version)
+        ):
+            self.registry.set_current(version)
+        with open(self.run_dir / ARTIFACTS_LOG, "a") as fh:
+            fh.write(json.dumps(recovered) + "\n")
+        log.info(
+            "round %d: %s was published before the crash; recorded from the registry",
+            event.server_round,
+            version,
+        )
+
+    def _logged_entries(self) -> list[dict[str, Any]]:
+        path = self.run_dir / ARTIFACTS_LOG
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def _registry_entry(self, version: str) -> dict[str, Any] | None:
+        """The ``artifacts`` entry of a version of this run found in the registry, or None."""
+        if version not in self.registry.versions():
+            return None
+        folder = self.registry.path(version)
+        try:
+            manifest = json.loads(read_regular(folder / MANIFEST_FILE, MAX_MANIFEST_BYTES))
+        except (FileNotFoundError, ValueError):
+            return None
+        if not isinstance(manifest, dict) or manifest.get(KEY_RUN_ID) != self.run_id:
+            return None  # another run's version under the same name: not ours to claim
+        metrics = manifest.get(KEY_METRICS, {})
+        return {
+            "round": int(manifest["round"]),
+            "path": str(folder),
+            "int8_bytes": manifest.get(KEY_FILES, {}).get(MODEL_FILE, {}).get("bytes"),
+            "fp32_bytes": metrics.get("fp32_bytes"),
+            "accuracy_fp32": metrics.get("accuracy_fp32"),
+            "accuracy_int8": metrics.get("accuracy_int8"),
+            "latency_ms_p50_fp32": metrics.get("latency_ms_p50_fp32"),
+            "latency_ms_p50_int8": metrics.get("latency_ms_p50_int8"),
+            "published": True,
+            "recovered_from_registry": True,
+        }
 
     def summary_items(self) -> dict[str, Any]:
-        """``artifacts``: one entry per export attempt, this run's earlier invocations included."""
-        path = self.run_dir / ARTIFACTS_LOG
+        """``artifacts``: one entry per export attempt, this run's earlier invocations included.
+
+        An entry that says ``published: false`` for a round whose version of this run is
+        in the registry is corrected from the registry, which is the source of truth.
+        """
         entries: dict[int, dict[str, Any]] = {}
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                entry = json.loads(line)
-                entries[int(entry["round"])] = entry
+        for entry in self._logged_entries():
+            entries[int(entry["round"])] = entry
+        for server_round, entry in entries.items():
+            if not entry.get("published"):
+                recovered = self._registry_entry(version_name(server_round))
+                if recovered is not None:
+                    entries[server_round] = recovered
         return {"artifacts": [entries[r] for r in sorted(entries)]}
+
+    def sign_candidate(
+        self,
+        server_round: int,
+        fp32: bytes,
+        int8: bytes,
+        metrics: dict[str, Any],
+        quantization: dict[str, Any],
+    ) -> dict[str, bytes]:
+        """The federated check's signed candidate: a manifest with ``"candidate": true``.
+
+        Returns
+        -------
+        dict of str to bytes
+            The message's ConfigRecord values: the manifest bytes, their signature and
+            both models (``model.fp32.onnx`` and ``model.onnx`` in the manifest).
+        """
+        manifest = build_manifest(
+            server_round=server_round,
+            files={CANDIDATE_FP32_FILE: fp32, MODEL_FILE: int8},
+            metrics=metrics,
+            quantization=quantization,
+            parent=self.registry.current(),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            run_id=self.run_id,
+            model=self._model_name(),
+            release=self.registry.next_release(),
+            candidate=True,
+        )
+        manifest_bytes = canonical_json(manifest)
+        return {
+            CANDIDATE_MANIFEST: manifest_bytes,
+            CANDIDATE_SIGNATURE: sign(self.private_key, manifest_bytes),
+            ONNX_FP32: fp32,
+            ONNX_INT8: int8,
+        }
+
+    def _model_name(self) -> str:
+        spec = load_dataset(self.cfg.dataset, self.cfg.data_dir or None, self.cfg.seed).spec
+        return self.cfg.resolved_model(spec.default_model)
 
     # --- the pipeline -------------------------------------------------------------
 
@@ -291,19 +560,19 @@ class ExportHook:
                 lat32, lat8 = latency_ms(fp32, x_eval[:1]), latency_ms(int8, x_eval[:1])
                 metrics.update({f"latency_ms_{k}_fp32": v for k, v in lat32.items()})
                 metrics.update({f"latency_ms_{k}_int8": v for k, v in lat8.items()})
-                gate_fp32, gate_int8 = metrics["accuracy_fp32"], metrics["accuracy_int8"]
+                check: FederatedCheck | None = None
                 if cfg.export_federated_eval:
-                    acc32, acc8, examples, clients = federated_check(
-                        cfg, event.grid, event.server_round, fp32.read_bytes(), int8.read_bytes()
+                    candidate = self.sign_candidate(
+                        event.server_round, fp32.read_bytes(), int8.read_bytes(), metrics, asdict(quant)
                     )
+                    check = federated_check(cfg, event.grid, event.server_round, candidate)
                     metrics.update(
-                        federated_accuracy_fp32=acc32,
-                        federated_accuracy_int8=acc8,
-                        federated_examples=examples,
-                        federated_clients=clients,
+                        federated_accuracy_fp32=check.accuracy_fp32,
+                        federated_accuracy_int8=check.accuracy_int8,
+                        federated_drop=check.drop,
+                        federated_examples=check.examples,
+                        federated_clients=check.clients,
                     )
-                    # The gate judges the model on the data it will meet on devices.
-                    gate_fp32, gate_int8 = acc32, acc8
             except ExportError as err:
                 entry.update(reason=str(err), export_s=time.perf_counter() - start)
                 return entry
@@ -322,7 +591,15 @@ class ExportHook:
             for key in ("federated_accuracy_fp32", "federated_accuracy_int8"):
                 if key in metrics:
                     entry[key] = metrics[key]
-            reasons = gate_reasons(cfg, gate_fp32, gate_int8, metrics["latency_ms_p50_int8"])
+            # With the federated check the gate judges the model on the data it will meet
+            # on devices, robustly to a lying client; otherwise on the server's split.
+            reasons = (
+                federated_gate_reasons(cfg, check, metrics["latency_ms_p50_int8"])
+                if check is not None
+                else gate_reasons(
+                    cfg, metrics["accuracy_fp32"], metrics["accuracy_int8"], metrics["latency_ms_p50_int8"]
+                )
+            )
             if reasons:
                 entry.update(reason="; ".join(reasons), export_s=time.perf_counter() - start)
                 return entry
@@ -333,6 +610,9 @@ class ExportHook:
                 quantization=asdict(quant),
                 parent=self.registry.current(),
                 created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                run_id=self.run_id,
+                model=self._model_name(),
+                release=self.registry.next_release(),
             )
             # Staged inside the registry's folder so that publishing is one rename.
             self.registry.root.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from fedge.deploy.artifacts import (
     load_public_key,
     sign,
     verify_artifact,
+    verify_candidate,
     verify_signature,
     write_artifact,
 )
@@ -38,6 +39,9 @@ GOLDEN_INPUTS = {
     "quantization": {"method": "dynamic", "num_bits": 8, "per_channel": True, "calibration_samples": 0},
     "parent": "round-0002",
     "created_at": "2026-01-02T03:04:05Z",
+    "run_id": "00112233445566778899aabbccddeeff",
+    "model": "cnn8",
+    "release": 7,
 }
 
 # RFC 8032, section 7.1, TEST 1: empty message.
@@ -69,8 +73,15 @@ def test_manifest_hashes_and_sizes_are_hashlibs() -> None:
 
 def test_manifest_fields() -> None:
     manifest = golden_manifest()
-    assert manifest["format"] == MANIFEST_FORMAT == 1
+    assert manifest["format"] == MANIFEST_FORMAT == 2
     assert (manifest["round"], manifest["version"], manifest["parent"]) == (3, "round-0003", "round-0002")
+    assert (manifest["run_id"], manifest["model"], manifest["release"]) == (
+        "00112233445566778899aabbccddeeff",
+        "cnn8",
+        7,
+    )
+    assert manifest["candidate"] is False
+    assert build_manifest(**GOLDEN_INPUTS, candidate=True)["candidate"] is True
     assert build_manifest(**{**GOLDEN_INPUTS, "server_round": 12345})["version"] == "round-12345"
 
 
@@ -271,7 +282,7 @@ def test_signature_is_checked_before_the_json_is_parsed(artifact: Path, key: Ed2
 
 def test_verify_format_from_the_future(artifact: Path, key: Ed25519PrivateKey) -> None:
     _resign(artifact, key, {**golden_manifest(), "format": MANIFEST_FORMAT + 1})
-    with pytest.raises(ArtifactError, match=r"format 2 .from the future.*upgrade fedge"):
+    with pytest.raises(ArtifactError, match=r"format 3 .from the future.*upgrade fedge"):
         verify_artifact(artifact, key.public_key())
 
 
@@ -323,3 +334,56 @@ def test_every_message_is_one_line(artifact: Path, key: Ed25519PrivateKey) -> No
         verify_artifact(artifact, key.public_key())
     assert "\n" not in str(info.value)
     assert json.loads((artifact / "manifest.json").read_bytes())["round"] == 3
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("name", ["manifest.json", "manifest.sig", "labels.txt"])
+def test_a_fifo_in_the_folder_is_refused_at_once(artifact: Path, key: Ed25519PrivateKey, name: str) -> None:
+    # A plain open() of a FIFO waits for a writer forever; verification must not.
+    (artifact / name).unlink()
+    os.mkfifo(artifact / name)
+    with pytest.raises(ArtifactError, match=rf"round-0003/{name} is not a regular file \(a FIFO\)") as info:
+        verify_artifact(artifact, key.public_key())
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("run_id", "XYZ", "run_id 'XYZ' is not 32 lowercase hex digits"),
+        ("model", "", "model '' is not a model name"),
+        ("release", 0, "release 0 is not a whole number >= 1"),
+        ("release", True, "release True is not a whole number >= 1"),
+    ],
+)
+def test_bad_identity_fields_are_refused(field: str, value: object, message: str) -> None:
+    with pytest.raises(ArtifactError, match=message):
+        build_manifest(**{**GOLDEN_INPUTS, field: value})
+
+
+def candidate_parts(
+    key: Ed25519PrivateKey, *, candidate: bool = True
+) -> tuple[bytes, bytes, dict[str, bytes]]:
+    files = {"model.onnx": MODEL, "model.fp32.onnx": LABELS}
+    data = canonical_json(build_manifest(**{**GOLDEN_INPUTS, "files": files}, candidate=candidate))
+    return data, sign(key, data), files
+
+
+def test_candidate_in_memory_verifies(key: Ed25519PrivateKey) -> None:
+    data, signature, files = candidate_parts(key)
+    manifest = verify_candidate(data, signature, files, key.public_key())
+    assert manifest["candidate"] is True
+    assert manifest["files"]["model.onnx"]["sha256"] == hashlib.sha256(MODEL).hexdigest()
+
+
+def test_candidate_refusals(key: Ed25519PrivateKey) -> None:
+    data, signature, files = candidate_parts(key)
+    with pytest.raises(ArtifactError, match=r"candidate manifest does not verify"):
+        verify_candidate(data, signature, files, Ed25519PrivateKey.generate().public_key())
+    with pytest.raises(ArtifactError, match=r"candidate model.onnx differs from its signed manifest"):
+        verify_candidate(data, signature, {**files, "model.onnx": MODEL[:-1] + b"\x03"}, key.public_key())
+    with pytest.raises(ArtifactError, match=r"differ from those its manifest lists"):
+        verify_candidate(data, signature, {"model.onnx": MODEL}, key.public_key())
+    release, release_sig, _ = candidate_parts(key, candidate=False)
+    with pytest.raises(ArtifactError, match=r"is a release, not a candidate"):
+        verify_candidate(release, release_sig, files, key.public_key())

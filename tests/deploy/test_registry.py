@@ -17,8 +17,19 @@ def key() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.generate()
 
 
-def stage(tmp_path: Path, key: Ed25519PrivateKey, server_round: int, model: bytes | None = None) -> Path:
-    """A signed artifact written outside the registry, as the export hook does."""
+RUN_ID = "0123456789abcdef0123456789abcdef"
+
+
+def stage(
+    tmp_path: Path,
+    key: Ed25519PrivateKey,
+    server_round: int,
+    model: bytes | None = None,
+    *,
+    release: int | None = None,
+    candidate: bool = False,
+) -> Path:
+    """A signed artifact written outside the registry, as the export hook does (release = round)."""
     files = {"model.onnx": model if model is not None else f"model of round {server_round}".encode()}
     manifest = build_manifest(
         server_round=server_round,
@@ -27,8 +38,12 @@ def stage(tmp_path: Path, key: Ed25519PrivateKey, server_round: int, model: byte
         quantization={"num_bits": 8},
         parent=None,
         created_at="2026-01-01T00:00:00Z",
+        run_id=RUN_ID,
+        model="cnn8",
+        release=server_round if release is None else release,
+        candidate=candidate,
     )
-    return write_artifact(tmp_path / "staging" / f"{server_round}", files, manifest, key)
+    return write_artifact(tmp_path / "staging" / f"{server_round}-{release}", files, manifest, key)
 
 
 def pointer(root: Path) -> bytes:
@@ -92,8 +107,8 @@ def test_rollback_with_nothing_published(tmp_path: Path) -> None:
 
 def test_versions_sort_by_round_not_by_text(tmp_path: Path, key: Ed25519PrivateKey) -> None:
     registry = Registry(tmp_path / "registry")
-    for server_round in (10000, 9999, 2):
-        registry.publish(stage(tmp_path, key, server_round))
+    for release, server_round in enumerate((10000, 9999, 2), start=1):
+        registry.publish(stage(tmp_path, key, server_round, release=release))
     assert registry.versions() == ["round-0002", "round-9999", "round-10000"]
     registry.set_current("round-10000")
     assert registry.rollback() == "round-9999"
@@ -155,4 +170,36 @@ def test_dangling_pointer_is_reported(tmp_path: Path, key: Ed25519PrivateKey) ->
     registry.publish(stage(tmp_path, key, 1))
     (registry.root / "current").write_bytes(b"round-0007\n")
     with pytest.raises(RegistryError, match=r"points to 'round-0007'.*\['round-0001'\]"):
+        registry.current()
+
+
+def test_release_numbers_only_grow(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    registry = Registry(tmp_path / "registry")
+    assert registry.next_release() == 1
+    registry.publish(stage(tmp_path, key, 1, release=1))
+    registry.publish(stage(tmp_path, key, 2, release=5))
+    assert registry.next_release() == 6  # the largest published (5) + 1
+    for release in (5, 3):
+        with pytest.raises(RegistryError, match=rf"release {release}, but release 5 is already published"):
+            registry.publish(stage(tmp_path, key, 3, release=release))
+    assert registry.versions() == ["round-0001", "round-0002"]
+    registry.publish(stage(tmp_path, key, 3, release=6))
+    assert registry.current() == "round-0003"
+
+
+@pytest.mark.parametrize("with_key", [False, True])
+def test_a_candidate_is_never_published(tmp_path: Path, key: Ed25519PrivateKey, with_key: bool) -> None:
+    registry = Registry(tmp_path / "registry", public_key=key.public_key() if with_key else None)
+    with pytest.raises(RegistryError, match=r"federated-check candidate, not a release"):
+        registry.publish(stage(tmp_path, key, 1, candidate=True))
+    assert registry.versions() == [] and registry.current() is None
+
+
+@pytest.mark.timeout(10)
+def test_a_fifo_pointer_is_refused_without_hanging(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    registry = Registry(tmp_path / "registry")
+    registry.publish(stage(tmp_path, key, 1))
+    (registry.root / "current").unlink()
+    os.mkfifo(registry.root / "current")
+    with pytest.raises(RegistryError, match=r"registry/current is not a regular file \(a FIFO\)"):
         registry.current()

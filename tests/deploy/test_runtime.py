@@ -19,6 +19,7 @@ from fedge.deploy.registry import Registry
 from fedge.deploy.runtime import DeviceRuntime
 
 IN_FEATURES, NUM_CLASSES = 4, 3
+RUN_ID = "0123456789abcdef0123456789abcdef"
 
 
 def int8_linear_model(w_q: np.ndarray, scale: float, bias: np.ndarray) -> bytes:
@@ -62,12 +63,16 @@ def make_version(
     *,
     extra_files: dict[str, bytes] | None = None,
     include_model: bool = True,
+    release: int | None = None,
+    candidate: bool = False,
+    model_bytes: bytes | None = None,
+    run_id: str = RUN_ID,
 ) -> Version:
     rng = np.random.default_rng(server_round)
     w_q = rng.integers(-127, 128, size=(IN_FEATURES, NUM_CLASSES))
     bias = rng.normal(size=NUM_CLASSES)
     scale = 0.02
-    model = int8_linear_model(w_q, scale, bias)
+    model = int8_linear_model(w_q, scale, bias) if model_bytes is None else model_bytes
     files = {"model.onnx": model} if include_model else {}
     files.update(extra_files or {})
     manifest = build_manifest(
@@ -77,6 +82,10 @@ def make_version(
         quantization={"num_bits": 8, "method": "dynamic"},
         parent=None if server_round == 1 else f"round-{server_round - 1:04d}",
         created_at="2026-01-01T00:00:00Z",
+        run_id=run_id,
+        model="linear",
+        release=server_round if release is None else release,
+        candidate=candidate,
     )
     folder = write_artifact(out / f"round-{server_round:04d}", files, manifest, key)
     return Version(folder, w_q, scale, bias.astype(np.float32), model)
@@ -160,7 +169,11 @@ def test_install_from_registry_takes_current(
         registry.publish(make_version(tmp_path / "staging", key, server_round).folder)
     assert device.install(registry.root) == "round-0002"
     registry.rollback()
-    assert device.install(registry.root) == "round-0001"
+    # The registry rolled back; the device follows only when asked to.
+    with pytest.raises(ArtifactError, match=r"release 1 .*not newer than the installed release 2"):
+        device.install(registry.root)
+    assert device.current_version() == "round-0002"
+    assert device.install(registry.root, allow_rollback=True) == "round-0001"
 
 
 def test_reinstalling_the_current_version_changes_nothing(
@@ -222,9 +235,30 @@ def future_format_properly_signed(folder: Path, key: Ed25519PrivateKey) -> None:
     import json
 
     manifest = json.loads((folder / "manifest.json").read_bytes())
-    data = canonical_json({**manifest, "format": 2})
+    data = canonical_json({**manifest, "format": 3})
     (folder / "manifest.json").write_bytes(data)
     (folder / "manifest.sig").write_bytes(sign(key, data))
+
+
+def old_format_properly_signed(folder: Path, key: Ed25519PrivateKey) -> None:
+    import json
+
+    manifest = json.loads((folder / "manifest.json").read_bytes())
+    for name in ("run_id", "model", "release", "candidate"):
+        del manifest[name]
+    data = canonical_json({**manifest, "format": 1})
+    (folder / "manifest.json").write_bytes(data)
+    (folder / "manifest.sig").write_bytes(sign(key, data))
+
+
+def fifo_model(folder: Path, key: Ed25519PrivateKey) -> None:
+    (folder / "model.onnx").unlink()
+    os.mkfifo(folder / "model.onnx")
+
+
+def fifo_manifest(folder: Path, key: Ed25519PrivateKey) -> None:
+    (folder / "manifest.json").unlink()
+    os.mkfifo(folder / "manifest.json")
 
 
 def remove_listed_model(folder: Path, key: Ed25519PrivateKey) -> None:
@@ -239,11 +273,15 @@ TAMPERS: dict[str, tuple[Callable[[Path, Ed25519PrivateKey], None], str]] = {
     "missing manifest.json": (remove_manifest, "manifest round-0002/manifest.json is missing"),
     "signed by another key": (sign_with_another_key, "signed with another key"),
     "truncated signature": (truncate_signature, "signed with another key"),
-    "format 2, properly signed": (future_format_properly_signed, r"format 2 \(from the future\)"),
+    "format 3, properly signed": (future_format_properly_signed, r"format 3 \(from the future\)"),
+    "format 1, properly signed": (old_format_properly_signed, r"format 1, which names no run"),
+    "FIFO as model.onnx": (fifo_model, r"round-0002/model.onnx is not a regular file \(a FIFO\)"),
+    "FIFO as manifest.json": (fifo_manifest, r"round-0002/manifest.json is not a regular file \(a FIFO\)"),
     "listed file missing": (remove_listed_model, "model.onnx is listed in the manifest but missing"),
 }
 
 
+@pytest.mark.timeout(20)
 @pytest.mark.parametrize("case", list(TAMPERS))
 def test_tampered_artifact_is_refused_and_install_unchanged(
     case: str,
@@ -288,6 +326,10 @@ def test_same_version_with_other_contents_is_refused(
     device.install(make_version(tmp_path / "pub", key, 1).folder)
     before = tree_digest(device.install_dir)
     other = make_version(tmp_path / "other", key, 1, extra_files={"labels.txt": b"a\n"})
+    with pytest.raises(ArtifactError, match=r"release 1 .*not newer than the installed release 1"):
+        device.install(other.folder)
+    # A newer release under a name already installed (another run, same key) is refused too.
+    other = make_version(tmp_path / "other2", key, 1, extra_files={"labels.txt": b"a\n"}, release=2)
     with pytest.raises(ArtifactError, match=r"installed with another manifest"):
         device.install(other.folder)
     assert tree_digest(device.install_dir) == before
@@ -408,3 +450,65 @@ def test_benchmark(tmp_path: Path, key: Ed25519PrivateKey, device: DeviceRuntime
     assert (result["runs"], result["version"]) == (50, "round-0001")
     with pytest.raises(ValueError, match=r"runs must be >= 1"):
         device.benchmark(runs=0)
+
+
+# ------------------------------------------------------------------ downgrades, candidates, unloadable
+
+
+def test_an_older_or_equal_release_is_refused_unless_rollback_is_asked(
+    tmp_path: Path, key: Ed25519PrivateKey, device: DeviceRuntime
+) -> None:
+    v1 = make_version(tmp_path / "pub", key, 1, release=1)
+    v2 = make_version(tmp_path / "pub", key, 2, release=2)
+    device.install(v2.folder)
+    before = tree_digest(device.install_dir)
+    with pytest.raises(
+        ArtifactError, match=r"release 1 \(round-0001, this run\), not newer than .*release 2"
+    ):
+        device.install(v1.folder)  # a replay of an old, validly signed artifact
+    assert tree_digest(device.install_dir) == before
+    # Another run sharing the key, at the same release: refused, and said so.
+    other_run = make_version(tmp_path / "other", key, 5, release=2, run_id="f" * 32)
+    with pytest.raises(ArtifactError, match=r"release 2 \(round-0005, another run\)"):
+        device.install(other_run.folder)
+    assert tree_digest(device.install_dir) == before
+    assert device.install(v1.folder, allow_rollback=True) == "round-0001"
+    assert device.install(v2.folder) == "round-0002"  # forward again needs no flag
+
+
+def test_a_candidate_is_never_installed(
+    tmp_path: Path, key: Ed25519PrivateKey, device: DeviceRuntime
+) -> None:
+    candidate = make_version(tmp_path / "pub", key, 1, candidate=True)
+    with pytest.raises(ArtifactError, match=r"federated-check candidate, not a release"):
+        device.install(candidate.folder)
+    assert device.current_version() is None and not device.install_dir.exists()
+
+
+def test_a_signed_model_onnxruntime_cannot_load_never_becomes_current(
+    tmp_path: Path, key: Ed25519PrivateKey, device: DeviceRuntime
+) -> None:
+    device.install(make_version(tmp_path / "pub", key, 1).folder)
+    before = tree_digest(device.install_dir)
+    broken = make_version(tmp_path / "pub", key, 2, model_bytes=b"validly signed, not an ONNX graph")
+    with pytest.raises(
+        ArtifactError, match=r"round-0002/manifest.json is signed but ONNX Runtime cannot load"
+    ):
+        device.install(broken.folder)
+    assert tree_digest(device.install_dir) == before
+    assert device.current_version() == "round-0001"
+
+
+def test_benchmark_of_an_unloadable_installed_model_is_one_line(
+    tmp_path: Path, key: Ed25519PrivateKey, device: DeviceRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An install made by an older fedge that did not check loading.
+    broken = make_version(tmp_path / "pub", key, 1, model_bytes=b"not an ONNX graph")
+    monkeypatch.setattr(runtime_module, "_load_check", lambda model, where: None)
+    device.install(broken.folder)
+    monkeypatch.undo()
+    with pytest.raises(
+        ArtifactError, match=r"round-0001/model.onnx is signed but ONNX Runtime cannot load"
+    ) as info:
+        device.benchmark(runs=1, warmup_runs=0)
+    assert "\n" not in str(info.value)
