@@ -202,8 +202,50 @@ def test_static_info_is_recorded(trained: Trained) -> None:
         calibration_source=f"server-split:{NUM_CALIBRATION}",
         calibration_samples=NUM_CALIBRATION,
         opset=OPSET,
+        reduce_range=True,
         float_ops=(),
+        float_nodes=(),
     )
+
+
+def test_fused_int8_kernels_equal_the_unfused_qdq_graph(trained: Trained) -> None:
+    # The device's session (QDQ fused into integer kernels) against the same QDQ graph
+    # evaluated op by op in float (ORT_DISABLE_ALL): with 7-bit weights no kernel of any
+    # x86-64 CPU saturates (2 * 255 * 64 = 32640 < 32767), so only float rounding of the
+    # requantization differs. Margins hold on Intel VNNI and AMD AVX2 alike.
+    x = trained.x_test
+    fused = ort_session(trained.int8).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    unfused = ort_session(trained.int8, optimize=False).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    same = float((fused.argmax(1) == unfused.argmax(1)).mean())
+    assert same >= 0.995, f"{(1 - same) * len(x):.0f} of {len(x)} predictions differ"
+    scale = float(np.abs(unfused).max())
+    assert scale > 1.0  # a trained model: logits far from 0, so the bound below means something
+    assert float(np.abs(fused - unfused).max()) <= 0.05 * scale
+
+
+def test_weights_are_seven_bit(trained: Trained) -> None:
+    # reduce_range: every quantized weight lies in [-64, 64], so a pair of u8 x s8
+    # products (2 * 255 * 64 = 32640) fits the int16 accumulator of AVX2's vpmaddubsw.
+    arrays = _initializers(trained.int8)
+    weights = [v for k, v in arrays.items() if k.endswith("weight_quantized")]
+    assert weights
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= 64
+
+
+def test_tabular_model_keeps_first_and_last_layer_float(tmp_path: Path) -> None:
+    model = build_model("mlp", input_shape=(13,), num_classes=2, seed=0)
+    fp32 = export_onnx(model, (13,), "float32", tmp_path / "mlp.onnx")
+    calibration = np.random.default_rng(0).normal(size=(64, 13)).astype(np.float32)
+    info = quantize_int8(fp32, tmp_path / "mlp8.onnx", calibration)
+    assert info.float_nodes == ("/fc1/Gemm", "/fc3/Gemm")
+    arrays = _initializers(tmp_path / "mlp8.onnx")
+    # fc2 alone is int8; fc1 and fc3 keep their float32 weights (13 x 64 and 64 x 2).
+    assert arrays["fc2.weight_quantized"].dtype == np.int8
+    assert arrays["fc1.weight"].dtype == np.float32 and arrays["fc3.weight"].dtype == np.float32
+    x = np.random.default_rng(1).normal(size=(256, 13)).astype(np.float32)
+    fp32_pred = ort_session(fp32).run(None, {INPUT_NAME: x})[0].argmax(1)
+    int8_pred = ort_session(tmp_path / "mlp8.onnx").run(None, {INPUT_NAME: x})[0].argmax(1)
+    assert float((fp32_pred == int8_pred).mean()) >= 0.95
 
 
 def test_static_graph_is_quantized(trained: Trained) -> None:
@@ -275,6 +317,7 @@ def test_dynamic_without_calibration(trained: Trained, tmp_path: Path) -> None:
         calibration_source="none",
         calibration_samples=0,
         opset=OPSET,
+        reduce_range=True,
     )
     ops = _op_types(tmp_path / "dyn.onnx")
     assert ops & DYNAMIC_OPS and "DynamicQuantizeLinear" in ops  # uint8 activations by ONNX's spec
