@@ -13,8 +13,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedge.config import RunConfig
 from fedge.records import arrays_to_numpy, load_arrays, model_to_arrays
-from fedge.server.loop import EvaluateFn, RoundEvent, RoundHook, RoundLoop
+from fedge.server.loop import (
+    EvaluateFn,
+    RoundEvent,
+    RoundHook,
+    RoundLoop,
+    require_some_round_aggregated,
+)
 from fedge.server.run_folder import default_run_dir, write_outputs
+from fedge.server.transport import Federation
 from fedge.strategies import build_strategy
 from fedge.training import EvalResult, evaluate
 
@@ -46,6 +53,11 @@ def run_federation(
 ) -> dict[str, Any]:
     """Run (or resume) a federation on ``grid`` and write the run folder; return the summary.
 
+    Raises
+    ------
+    RunFailedError
+        After writing the run folder, when no round aggregated an update.
+
     Parameters
     ----------
     grid : Grid
@@ -74,7 +86,8 @@ def run_federation(
         done = loop.resume()
         log.info("resuming %s after round %d", run_dir, done)
         if loop.history:
-            last = RoundEvent(done, loop.arrays, loop.history[-1], run_dir, grid)
+            federation = Federation(grid, loop.transport, cfg.round_timeout_s)
+            last = RoundEvent(done, loop.arrays, loop.history[-1], run_dir, grid, federation)
             for hook in all_hooks:
                 catch_up = getattr(hook, "catch_up", None)
                 if catch_up is not None:
@@ -85,9 +98,12 @@ def run_federation(
         items = getattr(hook, "summary_items", None)
         if items is not None:
             extra.update(items())
-    return write_outputs(
+    summary = write_outputs(
         run_dir, cfg, history, arrays_to_numpy(loop.arrays), time.perf_counter() - started_at, extra
     )
+    # A run in which nothing worked is a failure, not a success with zero clients.
+    require_some_round_aggregated(history)
+    return summary
 
 
 def make_server_app(

@@ -493,22 +493,34 @@ class RoundLoop:
             return None
         if new_arrays is None:
             return None
-        reason = self._model_problem(new_arrays)
-        if reason is not None:
-            log.warning("round %d: %s; keeping the previous global model", server_round, reason)
+        model = self._as_model(new_arrays)
+        if isinstance(model, str):
+            log.warning("round %d: %s; keeping the previous global model", server_round, model)
             return None
-        return new_arrays
+        return model
 
-    def _model_problem(self, arrays: ArrayRecord) -> str | None:
-        """Why an aggregated model cannot become the global model (``None``: it can)."""
+    def _as_model(self, arrays: ArrayRecord) -> ArrayRecord | str:
+        """An aggregated model as the global model's tensors and dtypes, or why it cannot be.
+
+        Flower's FedAdam/FedYogi/FedAdagrad return float64 arrays: they are rounded back to
+        the model's float32, so the model (and what clients receive) keeps its dtype.
+        """
         old = arrays_to_numpy(self.arrays)
         new = arrays_to_numpy(arrays)
-        if {k: (v.shape, v.dtype) for k, v in new.items()} != {k: (v.shape, v.dtype) for k, v in old.items()}:
-            return "the strategy returned a model of other tensors, shapes or dtypes"
-        bad = [k for k, v in new.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
-        if bad:
-            return f"the aggregated model holds NaN or Inf in {bad[:3]}"
-        return None
+        if set(new) != set(old) or any(new[k].shape != v.shape for k, v in old.items()):
+            return "the strategy returned a model of other tensors or shapes"
+        out: dict[str, np.ndarray] = {}
+        for name, ref in old.items():
+            values = new[name]
+            if values.dtype != ref.dtype:
+                if not (values.dtype.kind == "f" and ref.dtype.kind == "f"):
+                    return f"the strategy turned {name!r} from {ref.dtype} into {values.dtype}"
+                with np.errstate(over="ignore"):
+                    values = values.astype(ref.dtype)
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                return f"the aggregated model holds NaN or Inf in {name!r}"
+            out[name] = values
+        return numpy_to_arrays({name: out[name] for name in old})
 
     def run_round(self, grid: Grid, server_round: int) -> RoundRecord:
         """One round of training (and evaluation) starting from ``self.arrays``."""

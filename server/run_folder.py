@@ -1,5 +1,6 @@
 """A run's folder: ``metrics.jsonl`` (kept by the loop), ``summary.json``, ``accuracy.png``
-and the final model as ``model.safetensors``."""
+(when matplotlib is installed: the coordination server runs without it) and the final model
+as ``model.safetensors``."""
 
 from __future__ import annotations
 
@@ -9,16 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save
 
 from fedge import __version__
 from fedge.config import RunConfig
+from fedge.files import safetensors_bytes
+from fedge.plots import plot_accuracy
 from fedge.server.checkpoint import write_atomic
 from fedge.server.loop import RoundRecord
 
 SUMMARY_FILE = "summary.json"
-PLOT_FILE = "accuracy.png"
 MODEL_FILE = "model.safetensors"
+PLOT_FILE = "accuracy.png"
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -43,29 +45,6 @@ def build_summary(cfg: RunConfig, history: list[RoundRecord], wall_s: float) -> 
     }
 
 
-def plot_accuracy(history: list[RoundRecord], path: Path, title: str) -> None:
-    """Central test accuracy and loss per round, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rounds = [r.round for r in history]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(rounds, [r.accuracy for r in history], marker="o", color="tab:blue", label="accuracy")
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy", color="tab:blue")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    loss_ax = ax.twinx()
-    loss_ax.plot(rounds, [r.loss for r in history], color="tab:orange", label="loss")
-    loss_ax.set_ylabel("test loss", color="tab:orange")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def write_outputs(
     run_dir: Path,
     cfg: RunConfig,
@@ -78,11 +57,9 @@ def write_outputs(
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = {**build_summary(cfg, history, wall_s), **(extra or {})}
     write_atomic(run_dir / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
-    metadata = {"dataset": cfg.dataset, "model": cfg.model, "rounds_completed": str(len(history))}
-    write_atomic(
-        run_dir / MODEL_FILE,
-        save({k: np.ascontiguousarray(v) for k, v in model.items()}, metadata=metadata),
-    )
+    metadata = {"dataset": cfg.dataset, "model": cfg.model, "rounds_completed": len(history)}
+    write_atomic(run_dir / MODEL_FILE, safetensors_bytes(model, metadata))
     if history:
-        plot_accuracy(history, run_dir / PLOT_FILE, f"{cfg.dataset} / {cfg.strategy}")
+        rounds, accuracy, loss = zip(*((r.round, r.accuracy, r.loss) for r in history), strict=True)
+        plot_accuracy(rounds, accuracy, loss, run_dir / PLOT_FILE, f"{cfg.dataset} / {cfg.strategy}")
     return summary

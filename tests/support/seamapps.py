@@ -1,0 +1,60 @@
+"""ClientApps for the aggregate seam and resume tests: seeded, model-agnostic, fast."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+random_app = ClientApp()
+
+
+def random_step(pid: int, server_round: int, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The update partition ``pid`` sends for tensor ``name`` in ``server_round`` (seeded)."""
+    seed = [pid, server_round, sum(name.encode())]
+    return (0.05 * np.random.default_rng(seed).standard_normal(shape) + 0.01 * (pid + 1)).astype(np.float32)
+
+
+@random_app.train()
+def random_train(msg: Message, context: Context) -> Message:
+    """Weights = received + a seeded step; ``num-examples = 5 + partition``."""
+    pid = int(context.node_config["partition-id"])
+    server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
+    received = {k: a.numpy() for k, a in msg.content.array_records["arrays"].items()}
+    local = {k: v + random_step(pid, server_round, k, v.shape) for k, v in received.items()}
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in local.items()}),
+            "metrics": MetricRecord({"num-examples": 5 + pid, "train-loss": 1.0 / (1 + pid)}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+# Partition 0 claims an absurd weight (the attack of issue 8 §7.1); others as random_app.
+heavy_app = ClientApp()
+
+
+@heavy_app.train()
+def heavy_train(msg: Message, context: Context) -> Message:
+    reply = random_train(msg, context)
+    if int(context.node_config["partition-id"]) in (0, 1):
+        reply.content["metrics"] = MetricRecord({"num-examples": 1e308})
+    return reply
+
+
+# Every partition sends finite float32 weights so large that their mean overflows float32.
+overflow_app = ClientApp()
+
+
+@overflow_app.train()
+def overflow_train(msg: Message, context: Context) -> Message:
+    received = {k: a.numpy() for k, a in msg.content.array_records["arrays"].items()}
+    huge = {k: np.full(v.shape, 3.0e38, np.float32) for k, v in received.items()}
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in huge.items()}),
+            "metrics": MetricRecord({"num-examples": 5}),
+        }
+    )
+    return Message(content, reply_to=msg)
