@@ -311,9 +311,14 @@ class RunConfig:
         """Read keys from a TOML file: top level, or ``[tool.flwr.app.config]`` of a pyproject."""
         path = Path(path)
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {path} not found; check the --config path") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                f"{err.start}); TOML files are UTF-8: re-save it as UTF-8"
+            ) from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
         table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data)

@@ -470,7 +470,7 @@ class InProcessGrid(Grid):
         }
         self._pending: dict[str, Message] = {}
         self._replies: dict[str, Message] = {}
-        # Messages built by strategies read the sender's identity from TaskIdentity.
+        # Messages built by strategies read the sender's identity from a process global.
         set_task_identity(run_id=run_id, node_id=SUPERLINK_NODE_ID, task_id=1)
 
     # --- lifecycle ----------------------------------------------------------------

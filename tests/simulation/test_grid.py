@@ -136,9 +136,7 @@ def test_store_keeps_two_versions_and_resume_ignores_newer_ones(tmp_path: Path) 
         store.save(0, server_round, RecordDict({"calls": MetricRecord({"n": server_round})}))
     assert sorted(store.versions(0)) == [3, 4]  # the newest and the one before
     # A resume from round 3: round 4's version belongs to a round that did not checkpoint.
-    with InProcessGrid(
-        "fakeapps:constant_app", 2, {}, client_state_dir=tmp_path, resume_round=3
-    ) as grid:
+    with InProcessGrid("fakeapps:constant_app", 2, {}, client_state_dir=tmp_path, resume_round=3) as grid:
         assert grid.context(FIRST_NODE_ID).state.metric_records["calls"]["n"] == 3
         assert len(grid.context(FIRST_NODE_ID + 1).state) == 0
     assert sorted(store.versions(0)) == [3]

@@ -225,3 +225,46 @@ def _signal(target: int, sig: signal.Signals, *, group: bool = False) -> None:
             os.killpg(target, sig)
         else:
             os.kill(target, sig)
+
+
+def _proc_net_listeners() -> dict[str, tuple[str, int]]:
+    """Listening TCP sockets of this network namespace: socket inode -> (address, port)."""
+    found: dict[str, tuple[str, int]] = {}
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != "0A":  # 0A: TCP_LISTEN
+                continue
+            hex_addr, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_addr)
+            # The kernel prints each 32-bit word in host (little-endian) order.
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            family = socket.AF_INET if width == 8 else socket.AF_INET6
+            found[fields[9]] = (socket.inet_ntop(family, words), int(hex_port, 16))
+    return found
+
+
+def listening_addresses(pids: set[int]) -> dict[int, set[tuple[str, int]]]:
+    """The TCP (address, port) pairs each of ``pids`` listens on (Linux ``/proc``)."""
+    listeners = _proc_net_listeners()
+    out: dict[int, set[tuple[str, int]]] = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:[") and target[8:-1] in listeners:
+                    out.setdefault(pid, set()).add(listeners[target[8:-1]])
+    return out
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1, or an IPv4-mapped loopback address (``::ffff:127.0.0.1``)."""
+    return address.startswith("127.") or address == "::1" or address.startswith("::ffff:127.")
