@@ -29,11 +29,14 @@ stochastic rounding (codecs)  :data:`Stream.CODEC_ROUNDING`        server round,
 rotation of rotated codecs    :data:`Stream.ROTATION`              server round
 export evaluation subset      :data:`Stream.EXPORT_EVALUATION`     (none)
 int8 calibration samples      :data:`Stream.CALIBRATION`           (none)
+partitions (flwr-datasets)    :data:`Stream.PARTITION`             (none)
+a client's local test split   :data:`Stream.LOCAL_TEST_SPLIT`      partition
+per-writer/user train/test    :data:`Stream.TRAIN_TEST_SPLIT`      (none)
 DP noise, secagg masks, keys  :class:`SecretSource`                (secret: OS entropy)
 ============================  ===================================  ==========================
 
-Data partitioning and model initialisation keep the seeds flwr-datasets' partitioners and
-``torch.Generator`` take (documented in :mod:`fedge.data` and :mod:`fedge.models`).
+Model initialisation seeds its own ``torch.Generator`` with the run seed (nothing else
+draws from torch's generators).
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ class Stream(IntEnum):
     EXPORT_EVALUATION = 0x5A3D_0007
     CALIBRATION = 0x5A3D_0008
     LOCAL_TEST_SPLIT = 0x5A3D_0009
+    PARTITION = 0x5A3D_000A
+    TRAIN_TEST_SPLIT = 0x5A3D_000B
 
 
 def _entropy(seed: int, stream: Stream, keys: tuple[int, ...]) -> list[int]:

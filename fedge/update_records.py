@@ -26,18 +26,20 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from fedge.compression import CodecError, CodecSpec, decode, encode, with_error_feedback
+from fedge.rng import Stream, stream_seed
 
 # Array.stype of a tensor whose bytes are a fedge codec payload (fedge.compression.codec).
 CODEC_STYPE = "fedge.codec"
 _F16_MAX = float(np.finfo(np.float16).max)
 _U64 = 1 << 64
-_ROTATION_STREAM = 0x0407A7E
 
 
 def round_rotation_seed(seed: int, server_round: int) -> int:
-    """The rotation seed the server sends with a round: 63 bits (a ConfigRecord int is int64)."""
-    state = np.random.SeedSequence([seed, server_round, _ROTATION_STREAM]).generate_state(1, np.uint64)
-    return int(state[0]) >> 1
+    """The rotation seed the server sends with a round: 63 bits (a ConfigRecord int is int64).
+
+    Drawn from the named stream :data:`fedge.rng.Stream.ROTATION` for the round.
+    """
+    return stream_seed(seed, Stream.ROTATION, server_round, bits=63)
 
 
 def tensor_rotation_seed(rotation_seed: int, tensor_index: int) -> int:
