@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -28,6 +30,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             "local-epochs": 2,
             "workers": 1,
             "export-every": 1,
+            # Not a gate test: both rounds must publish on any x86-64 CPU, so a wide margin
+            # (the 2-round digits model loses about half a point).
+            "export-max-accuracy-drop": 0.05,
             "signing-key": str(tmp / "keys" / "signing.key"),
         }
     )
@@ -135,3 +140,62 @@ def test_infer_wrong_input_shape_and_bad_paths_are_one_line(
     assert main(["keys", "new", "--out", str(tmp_path / "file")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fedge: error:") and err.count("\n") == 1
+
+
+def test_infer_refuses_a_downgrade_unless_asked(
+    registry: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, pub = registry
+    device = ["--public-key", str(pub), "--benchmark", "--install-dir", str(tmp_path / "device")]
+    assert main(["infer", "--model", str(root / "round-0002"), *device]) == 0
+    capsys.readouterr()
+    assert main(["infer", "--model", str(root / "round-0001"), *device]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "release 1" in err and "--allow-rollback" in err
+    assert main(["infer", "--model", str(root / "round-0001"), *device, "--allow-rollback"]) == 0
+    assert (tmp_path / "device" / "current").read_text() == "round-0001\n"
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("name", ["model.onnx", "manifest.json"])
+def test_a_fifo_in_the_artifact_is_one_line_not_a_hang(
+    registry: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    root, pub = registry
+    copy = tmp_path / "round-0002"
+    shutil.copytree(root / "round-0002", copy)
+    (copy / name).unlink()
+    os.mkfifo(copy / name)
+    capsys.readouterr()
+    assert main(["deploy", "verify", str(copy), "--public-key", str(pub)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"round-0002/{name} is not a regular file (a FIFO)" in err
+    assert main(["infer", "--model", str(copy), "--public-key", str(pub), "--benchmark"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "(a FIFO)" in err
+
+
+def test_infer_benchmark_on_a_signed_unloadable_model_is_one_line(
+    registry: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedge.deploy.artifacts import build_manifest, load_private_key, write_artifact
+
+    _, pub = registry
+    files = {"model.onnx": b"validly signed, but not an ONNX model"}
+    manifest = build_manifest(
+        server_round=9,
+        files=dict(files),
+        metrics={},
+        quantization={},
+        parent=None,
+        created_at="2026-01-01T00:00:00Z",
+        run_id="0" * 32,
+        model="cnn8",
+        release=99,
+    )
+    key = load_private_key(pub.with_suffix(".key"))
+    folder = write_artifact(tmp_path / "round-0009", files, manifest, key)
+    capsys.readouterr()
+    assert main(["infer", "--model", str(folder), "--public-key", str(pub), "--benchmark"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ONNX Runtime cannot load it" in err

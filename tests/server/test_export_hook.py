@@ -12,13 +12,56 @@ import pytest
 import torch
 from crash import Crash, CrashAfter
 
+import fedge.server.export_hook as export_hook
+import fedge.simulation.runner as runner
 from fedge.config import RunConfig
 from fedge.deploy.artifacts import ArtifactError, load_public_key, verify_artifact
 from fedge.deploy.registry import Registry
-from fedge.server.export_hook import gate_reasons, weighted_accuracies
+from fedge.server.export_hook import (
+    MAX_CHECK_EXAMPLES,
+    check_reply_metrics,
+    federated_check,
+    federated_gate,
+    federated_gate_reasons,
+    gate_reasons,
+    public_key_path,
+    run_id,
+    weighted_accuracies,
+)
 from fedge.simulation.runner import simulate
 
-SMALL = {"num-clients": 4, "clients-per-round": 4, "num-rounds": 2, "local-epochs": 2, "workers": 1}
+# Tests that need a model to pass the gate allow a 5-point drop: the 2-round digits
+# model loses about 0.5 points on any x86-64 CPU (reduce_range), so passing is never a
+# coin flip; the gate's own tests use closed forms and impossible bounds.
+SMALL = {
+    "num-clients": 4,
+    "clients-per-round": 4,
+    "num-rounds": 2,
+    "local-epochs": 2,
+    "workers": 1,
+    "export-max-accuracy-drop": 0.05,
+}
+
+
+@pytest.fixture
+def pinned_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Give every virtual client node_config["public-key"] = the run's signing.pub.
+
+    Stands in for the engine until it passes the key itself; a no-op once it does.
+    """
+    real = runner.InProcessGrid
+
+    class PinningGrid(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            cfg = RunConfig.from_mapping(dict(args[2]))  # type: ignore[call-overload]
+            state_dir = kwargs.get("client_state_dir")
+            assert isinstance(state_dir, Path)
+            key = str(public_key_path(cfg, state_dir.parent))
+            for node_id in self.get_node_ids():
+                self.context(node_id).node_config.setdefault("public-key", key)
+
+    monkeypatch.setattr(runner, "InProcessGrid", PinningGrid)
 
 
 def test_gate_closed_form() -> None:
@@ -47,11 +90,15 @@ def test_final_round_is_published_signed_and_verifiable(tmp_path: Path) -> None:
     (entry,) = summary["artifacts"]
     assert entry["round"] == 2 and entry["published"], entry
     assert entry["int8_bytes"] < entry["fp32_bytes"]
-    assert abs(entry["accuracy_fp32"] - entry["accuracy_int8"]) <= 0.01
+    assert abs(entry["accuracy_fp32"] - entry["accuracy_int8"]) <= 0.03
     key = tmp_path / "run" / "keys" / "signing.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     manifest = verify_artifact(Path(entry["path"]), load_public_key(key.with_suffix(".pub")))
     assert manifest["round"] == 2
+    run_id_text = (tmp_path / "run" / "run-id").read_text()
+    assert run_id_text == manifest["run_id"] + "\n" and len(manifest["run_id"]) == 32
+    assert (manifest["model"], manifest["release"], manifest["candidate"]) == ("cnn8", 1, False)
+    assert manifest["quantization"]["reduce_range"] is True
     assert Registry(tmp_path / "run" / "artifacts").current() == "round-0002"
 
 
@@ -66,7 +113,7 @@ def test_every_n_rounds_and_the_gate_refusing(tmp_path: Path) -> None:
     assert summary["rounds_completed"] == 3  # the run goes on
 
 
-def test_federated_check_is_the_example_weighted_client_accuracy(tmp_path: Path) -> None:
+def test_federated_check_is_the_example_weighted_client_accuracy(tmp_path: Path, pinned_key: None) -> None:
     from fedge.data import federated_data
 
     cfg = RunConfig.from_mapping({**SMALL, "export-federated-eval": True, "local-test-fraction": 0.3})
@@ -103,6 +150,11 @@ def test_resumed_run_keeps_earlier_artifacts(tmp_path: Path) -> None:
     assert [e["round"] for e in summary["artifacts"]] == [1, 2, 3]
     lines = (tmp_path / "run" / "artifacts.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2, 3]
+    # One run id across the resume; releases grow by one per published version.
+    pub = load_public_key(tmp_path / "run" / "keys" / "signing.pub")
+    manifests = [verify_artifact(Path(e["path"]), pub) for e in summary["artifacts"]]
+    assert {m["run_id"] for m in manifests} == {run_id(tmp_path / "run")}
+    assert [m["release"] for m in manifests] == [1, 2, 3]
 
 
 def test_unexportable_operator_is_reported_and_nothing_published(
@@ -136,3 +188,106 @@ def test_an_export_skipped_by_a_crash_is_done_on_resume(tmp_path: Path) -> None:
     assert not (tmp_path / "run" / "artifacts.jsonl").exists()
     summary = simulate(cfg, tmp_path / "run", resume=True)  # no round left to run
     assert [(e["round"], e["published"]) for e in summary["artifacts"]] == [(2, True)]
+
+
+def test_federated_check_without_a_pinned_key_publishes_nothing(tmp_path: Path) -> None:
+    cfg = RunConfig.from_mapping({**SMALL, "export-federated-eval": True, "local-test-fraction": 0.3})
+    summary = simulate(cfg, tmp_path / "run")
+    (entry,) = summary["artifacts"]
+    assert not entry["published"]
+    assert "public-key" in entry["reason"]
+    assert Registry(tmp_path / "run" / "artifacts").versions() == []
+
+
+# --- the attack of issue 8, section 7.2 ---------------------------------------------------
+
+HONEST = [(100, 0.95, 0.50), (120, 0.95, 0.50), (80, 0.95, 0.50)]
+
+
+def test_out_of_range_or_absurd_replies_are_refused() -> None:
+    assert check_reply_metrics(100, 0.95, 0.50) is None
+    assert (
+        check_reply_metrics(10**15, 0.0, 7.5) == f"num-examples {10**15} is outside [1, {MAX_CHECK_EXAMPLES}]"
+    )
+    assert check_reply_metrics(1e15, 0.0, 1.0) == "num-examples 1000000000000000.0 is not an integer"
+    assert check_reply_metrics(100, 0.0, 7.5) == "accuracy-int8 7.5 is outside [0, 1]"
+    assert check_reply_metrics(100, -0.1, 0.5) == "accuracy-fp32 -0.1 is outside [0, 1]"
+    assert check_reply_metrics(True, 0.5, 0.5) == "num-examples True is not an integer"
+    assert check_reply_metrics(0, 0.5, 0.5) == f"num-examples 0 is outside [1, {MAX_CHECK_EXAMPLES}]"
+    assert check_reply_metrics(100, float("nan"), 0.5) == "accuracy-fp32 nan is not a finite number"
+
+
+def test_one_liar_cannot_make_the_gate_pass() -> None:
+    cfg = RunConfig.from_mapping({"export-max-accuracy-drop": 0.01})
+    # The liar within range, at the largest allowed weight: the weighted accuracies
+    # follow it, the gated median of per-client drops does not.
+    liar = (MAX_CHECK_EXAMPLES, 0.0, 1.0)
+    check = federated_gate([*HONEST, liar])
+    assert check.drop == pytest.approx(0.45)  # median of [0.45, 0.45, 0.45, -1.0]
+    assert check.accuracy_int8 > 0.99  # (300 * 0.5 + 1e5 * 1.0) / (300 + 1e5), reported only
+    (reason,) = federated_gate_reasons(cfg, check, 0.1)
+    assert "median per-client int8 drop over 4 clients is 45.00 points" in reason
+    # Two replies: the largest drop, so a liar can make the gate refuse, never pass.
+    assert federated_gate([HONEST[0], liar]).drop == pytest.approx(0.45)
+    assert federated_gate(HONEST).drop == pytest.approx(0.45)
+
+
+def test_federated_check_leaves_out_the_liar_of_the_issue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """3 honest clients score 0.95 vs 0.50; one reports accuracy 7.5 on 1e15 examples."""
+    from types import SimpleNamespace
+
+    def reply(node: int, num_examples: object, acc32: float, acc8: float) -> SimpleNamespace:
+        metrics = {"num-examples": num_examples, "accuracy-fp32": acc32, "accuracy-int8": acc8}
+        return SimpleNamespace(
+            has_error=lambda: False,
+            content=SimpleNamespace(metric_records={"metrics": metrics}),
+            metadata=SimpleNamespace(src_node_id=node),
+        )
+
+    replies = [reply(i, *r) for i, r in enumerate(HONEST)] + [reply(3, 10**15, 0.95, 7.5)]
+
+    class Grid:
+        def get_node_ids(self) -> list[int]:
+            return [0, 1, 2, 3]
+
+        def send_and_receive(self, messages: list[object], timeout: float) -> list[SimpleNamespace]:
+            assert len(messages) == 4
+            return replies
+
+    # Messages are only handed to the fake grid: no Flower run identity needed.
+    monkeypatch.setattr(export_hook, "Message", lambda *args, **kwargs: object())
+    cfg = RunConfig.from_mapping({"num-clients": 4, "clients-per-round": 4, "export-max-accuracy-drop": 0.01})
+    check = federated_check(cfg, Grid(), 2, {})  # type: ignore[arg-type]
+    assert (check.clients, check.examples) == (3, 300)
+    assert check.accuracy_int8 == pytest.approx(0.50) and check.drop == pytest.approx(0.45)
+    assert federated_gate_reasons(cfg, check, 0.1)  # refused, by 44 points
+
+
+def test_a_crash_after_publishing_is_recorded_from_the_registry_on_resume(tmp_path: Path) -> None:
+    cfg = RunConfig.from_mapping(SMALL)
+    first = simulate(cfg, tmp_path / "run")
+    (entry,) = first["artifacts"]
+    assert entry["published"], entry
+    # The crash: published, but artifacts.jsonl never got its line.
+    (tmp_path / "run" / "artifacts.jsonl").unlink()
+    summary = simulate(cfg, tmp_path / "run", resume=True)
+    (recovered,) = summary["artifacts"]
+    assert recovered["published"] and recovered["recovered_from_registry"]
+    assert recovered["path"] == entry["path"]
+    assert recovered["accuracy_int8"] == entry["accuracy_int8"]
+    assert Registry(tmp_path / "run" / "artifacts").versions() == ["round-0002"]
+    # A line that says published: false is corrected from the registry too.
+    line = {**entry, "published": False, "path": None, "reason": "crashed"}
+    (tmp_path / "run" / "artifacts.jsonl").write_text(json.dumps(line) + "\n")
+    again = simulate(cfg, tmp_path / "run", resume=True)
+    assert [e["published"] for e in again["artifacts"]] == [True]
+
+
+def test_run_id_is_made_once_and_kept(tmp_path: Path) -> None:
+    first = run_id(tmp_path / "run")
+    assert len(first) == 32 and int(first, 16) >= 0
+    assert run_id(tmp_path / "run") == first
+    assert run_id(tmp_path / "other") != first  # 128 random bits
+    (tmp_path / "run" / "run-id").write_text("not an id\n")
+    with pytest.raises(ArtifactError, match=r"run-id does not hold a run id"):
+        run_id(tmp_path / "run")
