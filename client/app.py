@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,8 +23,6 @@ from fedge.config import RunConfig
 from fedge.data import FederatedData
 from fedge.models import build_model
 from fedge.records import (
-    ACCURACY_FP32,
-    ACCURACY_INT8,
     ARRAYS_KEY,
     BATCH_SIZE,
     CONFIG_KEY,
@@ -37,8 +34,6 @@ from fedge.records import (
     MOMENTUM,
     NUM_EXAMPLES,
     ONNX_ACTION,
-    ONNX_FP32,
-    ONNX_INT8,
     PROXIMAL_MU,
     SEED,
     SERVER_ROUND,
@@ -143,31 +138,11 @@ def _handle_evaluate(cfg: RunConfig, msg: Message, context: Context) -> Message:
 
 
 def _handle_evaluate_onnx(cfg: RunConfig, msg: Message, context: Context) -> Message:
-    """Score the server's fp32 and int8 ONNX candidates on this client's local data.
+    """The federated int8 check: verify the signed candidate, then score it (``fedge.client.onnx_check``)."""
+    from fedge.client.onnx_check import evaluate_candidate
 
-    The models arrive as ONNX bytes (a protobuf graph, never a pickle) and run in ONNX
-    Runtime, as they would on the device; the reply is the two accuracies and the
-    example count the server weights them by.
-    """
-    import tempfile
-
-    from fedge.deploy.export import onnx_accuracy
-
-    record = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
-    blobs = {key: record.get(key) for key in (ONNX_FP32, ONNX_INT8)}
-    for key, blob in blobs.items():
-        if not isinstance(blob, bytes) or not blob:
-            raise ValueError(f"evaluate.onnx message lacks the {key!r} bytes")
     x, y = client_data(cfg).client_test(partition_id(context))
-    x = np.asarray(x)
-    accuracies = {}
-    with tempfile.TemporaryDirectory(prefix="fedge-check-") as tmp:
-        for key, metric in ((ONNX_FP32, ACCURACY_FP32), (ONNX_INT8, ACCURACY_INT8)):
-            path = Path(tmp) / f"{key}.onnx"
-            path.write_bytes(blobs[key])  # type: ignore[arg-type]
-            accuracies[metric] = onnx_accuracy(path, x, y)
-    metrics = MetricRecord({NUM_EXAMPLES: len(y), **accuracies})
-    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+    return evaluate_candidate(msg, context, x, y)
 
 
 def make_client_app(cfg: RunConfig | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
