@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
     FedAdagrad,
@@ -32,6 +32,8 @@ from fedge.strategies import (
     LINEAR,
     PER_CLIENT,
     STRATEGIES,
+    ReplySchema,
+    StrategyInfo,
     build_strategy,
     strategy_info,
     strategy_state_dict,
@@ -263,3 +265,49 @@ def test_resume_refuses_every_key_that_would_change_the_run(tmp_path: Path) -> N
     # num-rounds may grow.
     grown = RunConfig.from_mapping({**BASE, **overrides, "num-rounds": 5})
     assert RoundLoop(grown, FedAvg(), _initial(), _eval, tmp_path).resume() == 1
+
+
+class _WithControlVariates(FedAvg):
+    """A linear strategy whose messages and replies carry a second record (as SCAFFOLD's)."""
+
+    fedge_info = StrategyInfo(LINEAR, ReplySchema(("arrays", "cv"), metrics=("local-steps",)))
+
+    def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        cv = numpy_to_arrays({"c": np.full(5, 0.25, np.float32)})
+        for message in messages:
+            message.content["cv"] = cv
+        return messages
+
+    def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
+        from fedge.records import with_content
+
+        (reply,) = replies  # the loop hands a linear strategy one reply: the mean
+        self.cv_mean = reply.content["cv"]["c"].numpy()
+        model_only = RecordDict({"arrays": reply.content["arrays"], "metrics": reply.content["metrics"]})
+        return super().aggregate_train(server_round, [with_content(reply, model_only)])
+
+
+@pytest.mark.parametrize(("codec", "downlink"), [("none", "fp16"), ("qsgd:8", "fp32")])
+def test_declared_extra_records_are_compressed_checked_and_averaged(
+    tmp_path: Path, codec: str, downlink: str
+) -> None:
+    from seamapps import random_step
+
+    from fedge.server.transport import sample_clients
+
+    overrides = {"compression": codec, "downlink": downlink, "num-rounds": 1}
+    strategy = _WithControlVariates(fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1)
+    loop = _run(tmp_path, strategy, "seamapps:every_record_app", **overrides)
+    assert loop.history[0].clients == 4
+    parts = [n - 1000 for n in sample_clients(range(1000, 1006), 4, 42, 1)]
+    weights = np.array([5 + p for p in parts], dtype=np.float64)
+    expected = np.tensordot(weights, np.stack([random_step(p, 1, "arraysfc.bias", (10,)) for p in parts]), 1)
+    expected = _initial()["fc.bias"].numpy() + expected / weights.sum()
+    # fp16 downlink: the client trained from the fp16 copy but sends its exact update,
+    # which the server adds to its fp32 model; qsgd:8 on a constant-ish update is close.
+    np.testing.assert_allclose(loop.arrays["fc.bias"].numpy(), expected, rtol=0, atol=2e-3)
+    cv_steps = np.stack([random_step(p, 1, "cvc", (5,)) for p in parts])
+    np.testing.assert_allclose(
+        strategy.cv_mean, 0.25 + np.tensordot(weights, cv_steps, 1) / weights.sum(), atol=2e-3
+    )

@@ -58,3 +58,28 @@ def overflow_train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content, reply_to=msg)
+
+
+# Trains every ArrayRecord it gets (the model and, e.g., control variates) by a seeded step;
+# behind fedge's own client mods, so both records are fp16-widened and compressed.
+def _every_record_train(msg: Message, context: Context) -> Message:
+    pid = int(context.node_config["partition-id"])
+    server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
+    records = {}
+    for key, record in msg.content.array_records.items():
+        received = {k: a.numpy() for k, a in record.items()}
+        step = {k: random_step(pid, server_round, key + k, v.shape) for k, v in received.items()}
+        records[key] = ArrayRecord({k: Array(v + step[k]) for k, v in received.items()})
+    content = RecordDict({**records, "metrics": MetricRecord({"num-examples": 5 + pid, "local-steps": 3.0})})
+    return Message(content, reply_to=msg)
+
+
+def _make_every_record_app() -> ClientApp:
+    from fedge.client.mods import compression_mod, fp16_downlink_mod
+
+    app = ClientApp(mods=[fp16_downlink_mod, compression_mod])
+    app.train()(_every_record_train)
+    return app
+
+
+every_record_app = _make_every_record_app()
