@@ -21,6 +21,7 @@ from fedge.server.loop import (
     require_some_round_aggregated,
 )
 from fedge.server.run_folder import default_run_dir, write_outputs
+from fedge.server.run_lock import run_lock
 from fedge.server.transport import Federation
 from fedge.strategies import build_strategy
 from fedge.training import EvalResult, evaluate
@@ -140,4 +141,6 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = default_run_dir(cfg)
     resume = (run_dir / "checkpoint.safetensors").is_file()
     log.info("fedge run folder: %s%s", run_dir.resolve(), " (resuming)" if resume else "")
-    run_federation(grid, cfg, run_dir, resume=resume)
+    # One run per folder: a second `flwr run` on the same out-dir/run-name is refused.
+    with run_lock(run_dir):
+        run_federation(grid, cfg, run_dir, resume=resume)
