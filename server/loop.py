@@ -532,6 +532,9 @@ class RoundLoop:
         messages = list(
             self.strategy.configure_train(server_round, self.arrays, config, SampledGrid(grid, sampled))
         )
+        for message in messages:
+            # Flower's strategies leave it empty; engines and logs group a round's messages by it.
+            message.metadata.group_id = str(server_round)
         references = _references(messages)
         messages = self._downlink(messages)
         bytes_down = sum(payload_bytes(m.content) for m in messages)
@@ -590,13 +593,12 @@ class RoundLoop:
         num = max(1, round(self.cfg.fraction_evaluate * len(node_ids)))
         sampled = sample_clients(node_ids, num, self.cfg.seed, server_round, Stream.EVALUATION_SAMPLING)
         config = ConfigRecord({SERVER_ROUND: server_round, **self.cfg.client_settings()})
-        messages = self._downlink(
-            list(
-                self.strategy.configure_evaluate(
-                    server_round, self.arrays, config, SampledGrid(grid, sampled)
-                )
-            )
+        messages = list(
+            self.strategy.configure_evaluate(server_round, self.arrays, config, SampledGrid(grid, sampled))
         )
+        for message in messages:
+            message.metadata.group_id = str(server_round)
+        messages = self._downlink(messages)
         exchange = self.transport.exchange(
             grid, messages, RoundContext(server_round, EVALUATE, config, self.cfg.round_timeout_s)
         )
