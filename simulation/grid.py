@@ -422,6 +422,10 @@ class InProcessGrid(Grid):
         From delivery, when no worker process can start (see :class:`WorkerPool`).
     """
 
+    #: All virtual nodes exist from the start: a round needing more fails at once
+    #: (:func:`fedge.server.transport.wait_for_nodes`) instead of waiting for none to join.
+    fixed_federation = True
+
     def __init__(
         self,
         client_app_ref: str,

@@ -311,3 +311,30 @@ def test_declared_extra_records_are_compressed_checked_and_averaged(
     np.testing.assert_allclose(
         strategy.cv_mean, 0.25 + np.tensordot(weights, cv_steps, 1) / weights.sum(), atol=2e-3
     )
+
+
+def test_a_simulated_federation_too_small_for_a_round_fails_at_once(tmp_path: Path) -> None:
+    import time
+
+    from fedge.server.transport import FederationTooSmallError
+
+    # clients-per-round 4 on a federation of 2 (Flower's default local simulation has 2
+    # SuperNodes): one line at once, not round-timeout-s of waiting.
+    cfg = RunConfig.from_mapping({**BASE, "round-timeout-s": 600})
+    loop = RoundLoop(cfg, FedAvg(), _initial(), _eval, tmp_path)
+    start = time.monotonic()
+    with (
+        InProcessGrid("seamapps:random_app", 2, {}, workers=1) as grid,
+        pytest.raises(FederationTooSmallError, match="has 2 clients but a round needs 4") as err,
+    ):
+        loop.run(grid)
+    assert time.monotonic() - start < 30 and "\n" not in str(err.value)
+
+    class InMemoryGrid:  # Flower's simulation grid, recognised by its class name
+        def get_node_ids(self) -> list[int]:
+            return [1, 2]
+
+    from fedge.server.transport import wait_for_nodes
+
+    with pytest.raises(FederationTooSmallError, match="num-clients=2 clients-per-round=2"):
+        wait_for_nodes(InMemoryGrid(), 10, timeout_s=600)  # type: ignore[arg-type]
