@@ -76,9 +76,12 @@ from fedge.records import (
     ONNX_ACTION,
     ONNX_FP32,
     ONNX_INT8,
+    SERVER_ROUND,
     load_arrays,
 )
-from fedge.server.loop import RoundEvent, sample_clients
+from fedge.rng import Stream, stream_rng
+from fedge.server.loop import RoundEvent
+from fedge.server.transport import INT8_CHECK, Federation, PlainTransport, sample_clients
 
 log = logging.getLogger("fedge.server")
 
@@ -278,7 +281,7 @@ def federated_gate(replies: list[tuple[int, float, float]]) -> FederatedCheck:
 
 
 def federated_check(
-    cfg: RunConfig, grid: Grid, server_round: int, candidate: dict[str, bytes]
+    cfg: RunConfig, clients: Federation | Grid, server_round: int, candidate: dict[str, bytes]
 ) -> FederatedCheck:
     """Send the signed candidate to a sample of clients; return their robust aggregate.
 
@@ -289,6 +292,9 @@ def federated_check(
 
     Parameters
     ----------
+    clients : Federation or Grid
+        The run's clients; the check goes through the run's transport (a bare grid gets
+        the plain one). The sample comes from the named stream ``INT8_CHECK_SAMPLING``.
     candidate : dict of str to bytes
         The ConfigRecord's values: the candidate manifest, its signature, and the fp32
         and int8 model bytes (:meth:`ExportHook.sign_candidate`).
@@ -298,20 +304,29 @@ def federated_check(
     ExportError
         If no client returned a valid evaluation.
     """
-    node_ids = list(grid.get_node_ids())
+    federation = (
+        clients
+        if isinstance(clients, Federation)
+        else Federation(clients, PlainTransport(), cfg.round_timeout_s)
+    )
+    node_ids = federation.node_ids()
     num = (
         max(1, round(cfg.fraction_evaluate * len(node_ids)))
         if cfg.fraction_evaluate > 0
         else cfg.clients_per_round
     )
-    sampled = sample_clients(node_ids, min(num, len(node_ids)), cfg.seed + 2, server_round)
-    content = RecordDict({CONFIG_KEY: ConfigRecord(dict(candidate))})
+    sampled = sample_clients(
+        node_ids, min(num, len(node_ids)), cfg.seed, server_round, Stream.INT8_CHECK_SAMPLING
+    )
+    # What the client needs to load its test data, and the signed candidate.
+    config = ConfigRecord({SERVER_ROUND: server_round, **cfg.client_settings(), **candidate})
+    content = RecordDict({CONFIG_KEY: config})
     messages = [
         Message(content, node_id, f"{MessageType.EVALUATE}.{ONNX_ACTION}", group_id=str(server_round))
         for node_id in sampled
     ]
     replies: list[tuple[int, float, float]] = []
-    for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout_s):
+    for reply in federation.exchange(messages, server_round, INT8_CHECK, config).replies:
         node = reply.metadata.src_node_id
         if reply.has_error() or len(reply.content.metric_records) != 1:
             reason = reply.error.reason if reply.has_error() else "no MetricRecord"
@@ -323,7 +338,7 @@ def federated_check(
         if problem is not None:
             log.warning("round %d: int8 check of node %d left out: %s", server_round, node, problem)
             continue
-        replies.append((int(values[0]), float(values[1]), float(values[2])))  # type: ignore[arg-type]
+        replies.append((int(values[0]), float(values[1]), float(values[2])))
     if not replies:
         raise ExportError(
             "federated int8 check: no client returned a valid evaluation (each client needs "
@@ -375,7 +390,11 @@ class ExportHook:
         """Export, check, sign and publish the global model if this round is due."""
         if not self.cfg.exports_after(event.server_round):
             return
-        entry = self.export(event)
+        if not event.record.aggregated:
+            # Its model is an earlier round's (or the untrained one): never publish it as this round.
+            entry = self.skipped_entry(event.server_round, "the round did not aggregate an update")
+        else:
+            entry = self.export(event)
         with open(self.run_dir / ARTIFACTS_LOG, "a") as fh:
             fh.write(json.dumps(entry) + "\n")
         if entry["published"]:
@@ -508,30 +527,36 @@ class ExportHook:
         if self._data is None:
             cfg = self.cfg
             data = load_dataset(cfg.dataset, cfg.data_dir or None, cfg.seed)
-            rng = np.random.default_rng([cfg.seed, 2])
             n_test = len(data.y_test)
             rows = (
                 np.arange(n_test)
                 if n_test <= MAX_EVAL_SAMPLES
-                else np.sort(rng.choice(n_test, MAX_EVAL_SAMPLES, replace=False))
+                else np.sort(
+                    stream_rng(cfg.seed, Stream.EXPORT_EVALUATION).choice(
+                        n_test, MAX_EVAL_SAMPLES, replace=False
+                    )
+                )
             )
             x_eval, y_eval = np.asarray(data.x_test[rows]), data.y_test[rows]
             calibration = None
             if cfg.export_calibration_samples > 0:
                 n_train = len(data.y_train)
                 take = min(cfg.export_calibration_samples, n_train)
-                calib_rows = np.sort(rng.choice(n_train, take, replace=False))
+                calib_rows = np.sort(
+                    stream_rng(cfg.seed, Stream.CALIBRATION).choice(n_train, take, replace=False)
+                )
                 calibration = np.asarray(data.x_train[calib_rows])
             self._data = (x_eval, y_eval, calibration)
         return self._data
 
-    def export(self, event: RoundEvent) -> dict[str, Any]:
-        """Run the pipeline for one round; return its ``artifacts`` entry."""
-        cfg = self.cfg
-        start = time.perf_counter()
-        # Every key the summary documents is present; None where this attempt has no value.
-        entry: dict[str, Any] = {
-            "round": event.server_round,
+    @staticmethod
+    def skipped_entry(server_round: int, reason: str | None) -> dict[str, Any]:
+        """An ``artifacts`` entry of an attempt that published nothing, with every documented key.
+
+        None where the attempt has no value.
+        """
+        return {
+            "round": server_round,
             "path": None,
             "int8_bytes": None,
             "fp32_bytes": None,
@@ -540,7 +565,15 @@ class ExportHook:
             "latency_ms_p50_fp32": None,
             "latency_ms_p50_int8": None,
             "published": False,
+            "reason": reason,
         }
+
+    def export(self, event: RoundEvent) -> dict[str, Any]:
+        """Run the pipeline for one round; return its ``artifacts`` entry."""
+        cfg = self.cfg
+        start = time.perf_counter()
+        entry = self.skipped_entry(event.server_round, None)
+        del entry["reason"]
         x_eval, y_eval, calibration = self._eval_data()
         with tempfile.TemporaryDirectory(prefix="fedge-export-") as tmp_name:
             tmp = Path(tmp_name)
@@ -565,7 +598,9 @@ class ExportHook:
                     candidate = self.sign_candidate(
                         event.server_round, fp32.read_bytes(), int8.read_bytes(), metrics, asdict(quant)
                     )
-                    check = federated_check(cfg, event.grid, event.server_round, candidate)
+                    check = federated_check(
+                        cfg, event.federation or event.grid, event.server_round, candidate
+                    )
                     metrics.update(
                         federated_accuracy_fp32=check.accuracy_fp32,
                         federated_accuracy_int8=check.accuracy_int8,

@@ -398,6 +398,9 @@ class InProcessGrid(Grid):
     preload : sequence of str
         Modules the fork server imports once, before it forks the workers, so each
         worker does not pay for them again (torch, sklearn, ... take seconds each).
+    node_config : Mapping, optional
+        Further ``node_config`` entries every node gets, as a SuperNode's
+        ``--node-config`` would (``public-key``: the run's pinned signing key).
     client_state_dir : Path, optional
         Where the parent writes each client's ``Context.state`` after every reply that
         arrived in time (``client-K/state-round-NNNN.pb``,
@@ -438,6 +441,7 @@ class InProcessGrid(Grid):
         client_state_dir: Path | None = None,
         resume_round: int = 0,
         inline: bool = False,
+        node_config: Mapping[str, Any] | None = None,
     ) -> None:
         if num_nodes <= 0:
             raise ValueError(f"num_nodes must be positive, got {num_nodes}")
@@ -466,7 +470,7 @@ class InProcessGrid(Grid):
             FIRST_NODE_ID + k: Context(
                 run_id=run_id,
                 node_id=FIRST_NODE_ID + k,
-                node_config={"partition-id": k, "num-partitions": num_nodes},
+                node_config={**(node_config or {}), "partition-id": k, "num-partitions": num_nodes},
                 state=initial_state(k),
                 run_config=config,
             )

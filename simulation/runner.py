@@ -137,12 +137,27 @@ def simulate(
                 # error-feedback residual); a resumed run starts from the checkpoint's round.
                 client_state_dir=run_dir / CLIENT_STATE_DIR,
                 resume_round=resume_round,
+                node_config=_device_node_config(cfg, run_dir),
             ) as grid:
                 # The workers start in the background meanwhile.
                 check_partitions(cfg)
                 return run_federation(grid, cfg, run_dir, resume=resume, hooks=hooks, started_at=started_at)
         check_partitions(cfg)
         return _simulate_ray(cfg, run_dir, resume=resume, hooks=hooks, workers=workers)
+
+
+def _device_node_config(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """What every simulated device is started with, as a SuperNode's ``--node-config``.
+
+    With ``export-federated-eval``, the public key the clients pin to verify the signed
+    int8 candidate before they load it (a device loads only verified models).
+    """
+    if not cfg.export_federated_eval:
+        return {}
+    from fedge.client.onnx_check import PUBLIC_KEY_NODE_CONFIG
+    from fedge.server.export_hook import public_key_path
+
+    return {PUBLIC_KEY_NODE_CONFIG: str(public_key_path(cfg, run_dir).resolve())}
 
 
 def _simulate_ray(

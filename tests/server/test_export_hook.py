@@ -43,27 +43,6 @@ SMALL = {
 }
 
 
-@pytest.fixture
-def pinned_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Give every virtual client node_config["public-key"] = the run's signing.pub.
-
-    Stands in for the engine until it passes the key itself; a no-op once it does.
-    """
-    real = runner.InProcessGrid
-
-    class PinningGrid(real):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-            cfg = RunConfig.from_mapping(dict(args[2]))  # type: ignore[call-overload]
-            state_dir = kwargs.get("client_state_dir")
-            assert isinstance(state_dir, Path)
-            key = str(public_key_path(cfg, state_dir.parent))
-            for node_id in self.get_node_ids():
-                self.context(node_id).node_config.setdefault("public-key", key)
-
-    monkeypatch.setattr(runner, "InProcessGrid", PinningGrid)
-
-
 def test_gate_closed_form() -> None:
     cfg = RunConfig.from_mapping({"export-max-accuracy-drop": 0.01, "export-max-latency-ms": 0.5})
     assert gate_reasons(cfg, 0.95, 0.945, 0.4) == []
@@ -113,7 +92,7 @@ def test_every_n_rounds_and_the_gate_refusing(tmp_path: Path) -> None:
     assert summary["rounds_completed"] == 3  # the run goes on
 
 
-def test_federated_check_is_the_example_weighted_client_accuracy(tmp_path: Path, pinned_key: None) -> None:
+def test_federated_check_is_the_example_weighted_client_accuracy(tmp_path: Path) -> None:
     from fedge.data import federated_data
 
     cfg = RunConfig.from_mapping({**SMALL, "export-federated-eval": True, "local-test-fraction": 0.3})
@@ -190,7 +169,11 @@ def test_an_export_skipped_by_a_crash_is_done_on_resume(tmp_path: Path) -> None:
     assert [(e["round"], e["published"]) for e in summary["artifacts"]] == [(2, True)]
 
 
-def test_federated_check_without_a_pinned_key_publishes_nothing(tmp_path: Path) -> None:
+def test_federated_check_without_a_pinned_key_publishes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Devices started without node_config["public-key"] refuse to load the candidate.
+    monkeypatch.setattr(runner, "_device_node_config", lambda cfg, run_dir: {})
     cfg = RunConfig.from_mapping({**SMALL, "export-federated-eval": True, "local-test-fraction": 0.3})
     summary = simulate(cfg, tmp_path / "run")
     (entry,) = summary["artifacts"]
