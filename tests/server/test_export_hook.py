@@ -24,7 +24,6 @@ from fedge.server.export_hook import (
     federated_gate,
     federated_gate_reasons,
     gate_reasons,
-    public_key_path,
     run_id,
     weighted_accuracies,
 )
