@@ -237,7 +237,10 @@ def test_federated_check_leaves_out_the_liar_of_the_issue(monkeypatch: pytest.Mo
             return replies
 
     # Messages are only handed to the fake grid: no Flower run identity needed.
-    monkeypatch.setattr(export_hook, "Message", lambda *args, **kwargs: object())
+    def message(content: object, node: int, *args: object, **kwargs: object) -> SimpleNamespace:
+        return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node))
+
+    monkeypatch.setattr(export_hook, "Message", message)
     cfg = RunConfig.from_mapping({"num-clients": 4, "clients-per-round": 4, "export-max-accuracy-drop": 0.01})
     check = federated_check(cfg, Grid(), 2, {})  # type: ignore[arg-type]
     assert (check.clients, check.examples) == (3, 300)
