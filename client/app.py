@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
+from flwr.common.constant import ErrorCode
 
 from fedge.client.mods import compression_mod, fp16_downlink_mod
-from fedge.config import RunConfig
+from fedge.config import AUTO, RunConfig
 from fedge.data import FederatedData
 from fedge.models import build_model
 from fedge.records import (
@@ -28,7 +29,9 @@ from fedge.records import (
     CONFIG_KEY,
     EVAL_ACCURACY,
     EVAL_LOSS,
+    GRAD_CLIP_NORM,
     LOCAL_EPOCHS,
+    LOCAL_STEPS,
     LR,
     METRICS_KEY,
     MOMENTUM,
@@ -41,7 +44,7 @@ from fedge.records import (
     load_arrays,
     model_to_arrays,
 )
-from fedge.training import evaluate, train_local
+from fedge.training import DivergenceError, evaluate, train_local
 
 
 @functools.lru_cache(maxsize=8)
@@ -96,6 +99,12 @@ def _number(record: ConfigRecord, key: str, default: float) -> float:
     return value
 
 
+def _setting(record: ConfigRecord, key: str, resolved: float) -> float:
+    """A training setting of the round config; absent or ``auto`` (a server that left it to
+    the client) means ``resolved``, the client's own config's value for its dataset."""
+    return resolved if record.get(key) == AUTO else _number(record, key, resolved)
+
+
 def _handle_train(cfg: RunConfig, msg: Message, context: Context) -> Message:
     data = client_data(cfg)
     pid = partition_id(context)
@@ -105,17 +114,24 @@ def _handle_train(cfg: RunConfig, msg: Message, context: Context) -> Message:
     round_cfg = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
     server_round = int(_number(round_cfg, SERVER_ROUND, 0))
     seed = int(_number(round_cfg, SEED, cfg.seed))
-    result = train_local(
-        model,
-        x,
-        y,
-        epochs=int(_number(round_cfg, LOCAL_EPOCHS, cfg.local_epochs)),
-        batch_size=int(_number(round_cfg, BATCH_SIZE, cfg.batch_size)),
-        lr=float(_number(round_cfg, LR, cfg.lr)),
-        momentum=float(_number(round_cfg, MOMENTUM, cfg.momentum)),
-        proximal_mu=float(_number(round_cfg, PROXIMAL_MU, 0.0)),
-        generator=torch.Generator().manual_seed(client_seed(seed, server_round, pid)),
-    )
+    local = cfg.training(data.spec)
+    try:
+        result = train_local(
+            model,
+            x,
+            y,
+            epochs=int(_setting(round_cfg, LOCAL_EPOCHS, local.local_epochs)),
+            batch_size=int(_setting(round_cfg, BATCH_SIZE, local.batch_size)),
+            lr=float(_setting(round_cfg, LR, local.lr)),
+            momentum=float(_number(round_cfg, MOMENTUM, cfg.momentum)),
+            proximal_mu=float(_number(round_cfg, PROXIMAL_MU, 0.0)),
+            max_steps=int(_setting(round_cfg, LOCAL_STEPS, local.local_steps)),
+            grad_clip_norm=float(_setting(round_cfg, GRAD_CLIP_NORM, local.grad_clip_norm)),
+            generator=torch.Generator().manual_seed(client_seed(seed, server_round, pid)),
+        )
+    except DivergenceError as err:
+        # Expected with a too-high lr, not a bug: the reply says why, and carries no weights.
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(err)), reply_to=msg)
     content = RecordDict(
         {
             ARRAYS_KEY: model_to_arrays(model),

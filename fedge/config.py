@@ -17,13 +17,17 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 if TYPE_CHECKING:
     import torch
 
     from fedge.compression import CodecSpec
-    from fedge.data import DatasetSpec, FederatedData
+    from fedge.data import DatasetSpec, FederatedData, LocalTraining
+
+Auto: TypeAlias = Literal["auto"]
+AUTO: Auto = "auto"
+"""The value of a setting left to the dataset (``model``, ``lr``, ``batch-size``, ...)."""
 
 ENGINES: tuple[str, ...] = ("inprocess", "ray")
 DOWNLINKS: tuple[str, ...] = ("fp32", "fp16")
@@ -78,9 +82,18 @@ class RunConfig:
         Clients sampled for training each round (``<= num_clients``).
     num_rounds : int
         Federated rounds to run.
-    local_epochs, batch_size, lr, momentum : int, int, float, float
-        Client-side SGD: epochs over the local data per round, mini-batch size,
-        learning rate, momentum (momentum buffers are reset every round).
+    local_epochs, local_steps, batch_size, lr : int, int, int, float, or "auto"
+        Client-side SGD: epochs over the local data per round, the most optimizer steps
+        per round (0: no cap; training stops at whichever of the two comes first),
+        mini-batch size, learning rate. ``auto`` takes the dataset's measured value
+        (``DatasetSpec.training``; README, "Datasets"); each key resolves on its own,
+        so ``local-epochs = 3`` with ``local-steps = "auto"`` keeps the dataset's cap.
+    momentum : float
+        SGD momentum (momentum buffers are reset every round).
+    grad_clip_norm : float or "auto"
+        Clip each mini-batch gradient's global L2 norm to this before the SGD step
+        (0: off); ``auto`` takes the dataset's value. It keeps a high ``lr`` from
+        exploding the 1-D and recurrent models; it is not a privacy mechanism.
     seed : int
         Seeds partitioning, model initialisation, client sampling and local shuffling.
     engine : str
@@ -92,6 +105,10 @@ class RunConfig:
         clients replied with a valid update; otherwise the global model is kept.
     round_timeout_s : float
         Longest wait for the replies of one round, in seconds.
+    max_examples_per_client : int
+        The largest ``num-examples`` (aggregation weight) a client may report; a reply
+        claiming more is dropped, so a liar cannot outweigh everyone else or overflow
+        the weight sum (default 1,000,000: above every built-in dataset's largest client).
     local_test_fraction : float
         Share of each client's partition held out for federated evaluation
         (natural splits use the client's own test data instead).
@@ -153,15 +170,18 @@ class RunConfig:
     num_clients: int = 50
     clients_per_round: int = 10
     num_rounds: int = 20
-    local_epochs: int = 5
-    batch_size: int = 8
-    lr: float = 0.05
+    local_epochs: int | Auto = AUTO
+    local_steps: int | Auto = AUTO
+    batch_size: int | Auto = AUTO
+    lr: float | Auto = AUTO
     momentum: float = 0.9
+    grad_clip_norm: float | Auto = AUTO
     seed: int = 42
     engine: str = "inprocess"
     workers: int = 0
     min_reply_fraction: float = 0.5
     round_timeout_s: float = 600.0
+    max_examples_per_client: int = 1_000_000
     local_test_fraction: float = 0.0
     fraction_evaluate: float = 0.0
     proximal_mu: float = 0.0
@@ -211,22 +231,40 @@ class RunConfig:
                 _check(math.isfinite(value), f"{_key(f.name)} must be a finite number, got {value}")
         # numpy's and scikit-learn's seeds are 32-bit.
         _check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
-        for name in ("num_clients", "clients_per_round", "num_rounds", "local_epochs", "batch_size"):
+        for name in ("num_clients", "clients_per_round", "num_rounds"):
             value = getattr(self, name)
             _check(value > 0, f"{_key(name)} must be a positive whole number, got {value}")
+        for name in ("local_epochs", "batch_size"):
+            value = getattr(self, name)
+            _check(
+                value == AUTO or value > 0,
+                f"{_key(name)} must be auto or a positive whole number, got {value}",
+            )
+        _check(
+            self.local_steps == AUTO or self.local_steps >= 0,
+            f"local-steps must be auto, 0 (no cap) or a positive whole number, got {self.local_steps}",
+        )
         _check(self.workers >= 0, f"workers must be 0 (one per core) or more, got {self.workers}")
         _check(
             self.clients_per_round <= self.num_clients,
             f"clients-per-round ({self.clients_per_round}) exceeds num-clients "
             f"({self.num_clients}); lower clients-per-round or raise num-clients",
         )
-        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.lr == AUTO or self.lr > 0, f"lr must be auto or a number > 0, got {self.lr}")
+        _check(
+            self.grad_clip_norm == AUTO or self.grad_clip_norm >= 0,
+            f"grad-clip-norm must be auto, 0 (off) or a number > 0, got {self.grad_clip_norm}",
+        )
         _check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         _check(
             0 < self.min_reply_fraction <= 1,
             f"min-reply-fraction must be in (0, 1], got {self.min_reply_fraction}",
         )
         _check(self.round_timeout_s > 0, f"round-timeout-s must be > 0, got {self.round_timeout_s}")
+        _check(
+            0 < self.max_examples_per_client < 2**53,
+            f"max-examples-per-client must be in [1, 2**53), got {self.max_examples_per_client}",
+        )
         _check(
             0 <= self.local_test_fraction < 1,
             f"local-test-fraction must be in [0, 1), got {self.local_test_fraction}",
@@ -332,7 +370,41 @@ class RunConfig:
 
     def resolved_model(self, default_model: str) -> str:
         """The model name, with ``auto`` replaced by the dataset's default model."""
-        return default_model if self.model == "auto" else self.model
+        return default_model if self.model == AUTO else self.model
+
+    def training(self, spec: DatasetSpec) -> LocalTraining:
+        """This run's local-training settings, each ``auto`` replaced by ``spec.training``'s value.
+
+        What the server sends clients in every training round's config (with ``momentum``);
+        digits resolves to lr 0.05, batch size 8, 5 epochs, no step cap, no clipping.
+        """
+        base = spec.training
+        return dataclasses.replace(
+            base,
+            lr=base.lr if self.lr == AUTO else self.lr,
+            batch_size=base.batch_size if self.batch_size == AUTO else self.batch_size,
+            local_epochs=base.local_epochs if self.local_epochs == AUTO else self.local_epochs,
+            local_steps=base.local_steps if self.local_steps == AUTO else self.local_steps,
+            grad_clip_norm=base.grad_clip_norm if self.grad_clip_norm == AUTO else self.grad_clip_norm,
+        )
+
+    def train_settings(self, spec: DatasetSpec) -> dict[str, int | float]:
+        """The resolved training settings as round-ConfigRecord values (keys of :mod:`fedge.records`).
+
+        The server puts these in every training message, so a client never resolves
+        ``auto`` itself and a device without the dataset spec trains as the server says.
+        """
+        from fedge import records
+
+        t = self.training(spec)
+        return {
+            records.LR: t.lr,
+            records.MOMENTUM: self.momentum,
+            records.LOCAL_EPOCHS: t.local_epochs,
+            records.LOCAL_STEPS: t.local_steps,
+            records.BATCH_SIZE: t.batch_size,
+            records.GRAD_CLIP_NORM: t.grad_clip_norm,
+        }
 
     def federated_data(self) -> FederatedData:
         """This run's dataset and partition (loaded lazily, cached per process)."""
@@ -358,6 +430,25 @@ class RunConfig:
             seed=self.seed,
             vocab_size=spec.vocab_size,
         )
+
+    def client_settings(self) -> dict[str, str | int | float]:
+        """What a client needs to load its data and build the model, as ConfigRecord values.
+
+        The server sends these with every message (keys of :mod:`fedge.records`), so a
+        client reads nothing of the server's run config: server-only settings (the
+        signing key's path) never matter to a device, and a newer server's keys never
+        break an older client.
+        """
+        from fedge import records
+
+        return {
+            records.DATASET: self.dataset,
+            records.PARTITION: self.partition,
+            records.NUM_PARTITIONS: self.num_clients,
+            records.DATA_SEED: self.seed,
+            records.MODEL: self.model,
+            records.LOCAL_TEST_FRACTION: self.local_test_fraction,
+        }
 
     def codec(self) -> CodecSpec:
         """The parsed ``compression`` codec."""
@@ -397,11 +488,31 @@ def _unknown_key_message(key: str) -> str:
 
 # String keys that also take a whole number (`export-every = 5` in TOML).
 _INT_AS_STR = {"export-every"}
+# Keys that take `auto` or a number of this kind.
+_AUTO_OR = {
+    "local-epochs": "int",
+    "local-steps": "int",
+    "batch-size": "int",
+    "lr": "float",
+    "grad-clip-norm": "float",
+}
 
 
 def _coerce(key: str, raw: Any, type_name: Any) -> Any:
     """Convert ``raw`` to the field type named by ``type_name`` ("int", "float", "str", "bool")."""
-    kind = type_name if isinstance(type_name, str) else type_name.__name__
+    if key in _AUTO_OR:
+        if isinstance(raw, str) and raw.strip() == AUTO:
+            return AUTO
+        try:
+            return _coerce_kind(key, raw, _AUTO_OR[key])
+        except ConfigError:
+            number = "a whole number" if _AUTO_OR[key] == "int" else "a number"
+            raise ConfigError(f"{key} must be auto or {number}, got {raw!r}") from None
+    return _coerce_kind(key, raw, type_name if isinstance(type_name, str) else type_name.__name__)
+
+
+def _coerce_kind(key: str, raw: Any, kind: str) -> Any:
+    """Convert ``raw`` to ``kind`` ("int", "float", "str", "bool")."""
     if kind == "str":
         if key in _INT_AS_STR and isinstance(raw, int) and not isinstance(raw, bool):
             return str(raw)

@@ -34,9 +34,21 @@ SERVER_ROUND = "server-round"
 LR = "lr"
 MOMENTUM = "momentum"
 LOCAL_EPOCHS = "local-epochs"
+# The most optimizer steps of a round (0: no cap) and the per-batch gradient-norm clip
+# (0: off); RunConfig.train_settings gives every training key's resolved value.
+LOCAL_STEPS = "local-steps"
+GRAD_CLIP_NORM = "grad-clip-norm"
 BATCH_SIZE = "batch-size"
 PROXIMAL_MU = "proximal-mu"
 SEED = "seed"
+# What a client needs to load its data and build the model (RunConfig.client_settings):
+# sent with every message, so clients never parse the server's run config.
+DATASET = "dataset"
+PARTITION = "partition"
+NUM_PARTITIONS = "num-partitions"
+DATA_SEED = "data-seed"
+MODEL = "model"
+LOCAL_TEST_FRACTION = "local-test-fraction"
 # Update compression (fedge.update_records): the codec text (fedge.compression.parse_codec),
 # whether the client keeps an error-feedback residual, and the round's shared rotation seed.
 CODEC = "codec"

@@ -8,6 +8,7 @@ forward pass.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,12 +19,32 @@ from torch import nn
 _EVAL_BATCH_SIZE = 512
 
 
+class DivergenceError(RuntimeError):
+    """Local training produced a non-finite loss or weights; nothing it trained may be sent.
+
+    The message is one line naming where it happened and how to fix it (a lower ``lr``,
+    a larger ``batch-size``); the client replies with it as an error instead of weights.
+    """
+
+
 @dataclass(frozen=True)
 class TrainResult:
-    """What local training reports: examples seen per epoch and the mean loss of the last epoch."""
+    """What local training reports.
+
+    Parameters
+    ----------
+    num_examples : int
+        Training samples on the client (``len(y)``), the FedAvg weight, whether or not a
+        step cap ended training before an epoch was complete.
+    train_loss : float
+        Mean loss over the batches of the last (possibly partial) epoch.
+    num_steps : int
+        Optimizer steps taken.
+    """
 
     num_examples: int
     train_loss: float
+    num_steps: int
 
 
 @dataclass(frozen=True)
@@ -50,8 +71,10 @@ def train_local(
     momentum: float,
     generator: torch.Generator,
     proximal_mu: float = 0.0,
+    max_steps: int = 0,
+    grad_clip_norm: float = 0.0,
 ) -> TrainResult:
-    """Run SGD on ``(x, y)`` for ``epochs`` epochs, in place.
+    """Run SGD on ``(x, y)`` for ``epochs`` epochs or ``max_steps`` steps, in place.
 
     Parameters
     ----------
@@ -69,15 +92,37 @@ def train_local(
         Shuffles the data; seeding it makes training reproducible.
     proximal_mu : float, default 0.0
         FedProx: adds ``mu / 2 * ||w - w_global||^2`` to the loss (Li et al., 2020).
+    max_steps : int, default 0
+        Stop after this many optimizer steps even within an epoch; 0 means no cap
+        (``epochs * ceil(N / batch_size)`` steps).
+    grad_clip_norm : float, default 0.0
+        Before each step, scale the mini-batch gradient down to this global L2 norm
+        when it is longer (``torch.nn.utils.clip_grad_norm_``); 0 means no clipping.
 
     Returns
     -------
     TrainResult
-        ``num_examples = len(y)`` and the mean loss over the last epoch.
+        ``num_examples = len(y)``, the mean loss over the last (possibly partial) epoch
+        and the number of optimizer steps taken.
+
+    Raises
+    ------
+    DivergenceError
+        The loss or, after the last step, a weight is NaN or infinite. Training stops at
+        the first non-finite loss, before its gradient is applied; ``model`` is then
+        partly trained and must not be sent.
+    ValueError
+        No training data, or a non-positive ``epochs`` or ``batch_size``, or a negative
+        ``max_steps`` or ``grad_clip_norm``.
     """
     n = len(y)
     if n == 0:
         raise ValueError("no training data on this client; check the partition")
+    if epochs < 1 or batch_size < 1 or max_steps < 0 or not grad_clip_norm >= 0:
+        raise ValueError(
+            "epochs and batch_size must be >= 1, max_steps (0: no cap) and grad_clip_norm "
+            f"(0: off) >= 0; got {epochs}, {batch_size}, {max_steps}, {grad_clip_norm}"
+        )
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     loss_fn = nn.CrossEntropyLoss()
@@ -86,10 +131,15 @@ def train_local(
     dense = isinstance(x, np.ndarray)
     inputs = torch.as_tensor(x) if dense else None
     last_loss = 0.0
-    for _ in range(epochs):
+    steps = 0
+    for epoch in range(epochs):
+        if max_steps and steps >= max_steps:
+            break
         order = torch.randperm(n, generator=generator)
         total, seen = 0.0, 0
         for start in range(0, n, batch_size):
+            if max_steps and steps >= max_steps:
+                break
             idx = order[start : start + batch_size]
             xb = inputs[idx] if inputs is not None else _as_tensor(x, np.sort(idx.numpy()))
             yb = labels[idx] if inputs is not None else labels[np.sort(idx.numpy())]
@@ -100,12 +150,28 @@ def train_local(
                     ((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params, strict=True)
                 )
                 loss = loss + 0.5 * proximal_mu * prox
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise DivergenceError(_diverged(f"the loss became {value} in epoch {epoch + 1}", steps, lr))
             loss.backward()
+            if grad_clip_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
             optimizer.step()
-            total += float(loss.detach()) * len(yb)
+            steps += 1
+            total += value * len(yb)
             seen += len(yb)
         last_loss = total / seen
-    return TrainResult(num_examples=n, train_loss=last_loss)
+    # The last step's weights were never put through a loss: check them directly.
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise DivergenceError(_diverged("a weight became non-finite", steps, lr))
+    return TrainResult(num_examples=n, train_loss=last_loss, num_steps=steps)
+
+
+def _diverged(what: str, steps: int, lr: float) -> str:
+    return (
+        f"local training diverged: {what} after {steps} steps at lr {lr}; "
+        "lower lr (or leave it auto), raise batch-size, or set grad-clip-norm (e.g. 1.0)"
+    )
 
 
 @torch.no_grad()

@@ -67,6 +67,35 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
+class LocalTraining:
+    """Settings of a client's local training: a dataset's defaults, or a run's resolved values.
+
+    Parameters
+    ----------
+    lr : float
+        SGD learning rate.
+    batch_size : int
+        Mini-batch size.
+    local_epochs : int
+        Passes over the client's data per round.
+    local_steps : int
+        Most optimizer steps per round, whatever ``local_epochs`` says; 0 means no cap.
+    grad_clip_norm : float
+        Each mini-batch gradient's global L2 norm is clipped to this before the step;
+        0 means no clipping. A guard against exploding gradients, not a privacy
+        mechanism (that clips per-sample gradients or the update).
+
+    The defaults are digits' (and any ``hf:`` dataset's) settings.
+    """
+
+    lr: float = 0.05
+    batch_size: int = 8
+    local_epochs: int = 5
+    local_steps: int = 0
+    grad_clip_norm: float = 0.0
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     """What a model needs to know about a dataset, available without loading it.
 
@@ -87,6 +116,13 @@ class DatasetSpec:
         ``"hospital"``), or None when the dataset has no natural clients.
     vocab_size : int, default 0
         Number of token ids (shakespeare only).
+    training : LocalTraining, default LocalTraining()
+        The local-training settings ``auto`` stands for (``lr``, ``batch-size``,
+        ``local-epochs``, ``local-steps``, ``grad-clip-norm``), measured for
+        ``default_model`` on this dataset (README, "Datasets").
+    central_test_size : int, default 0
+        Most test samples the server's central evaluation uses, an even stride over the
+        test split (``FederatedData.central_test``); 0 means all of them.
     """
 
     name: str
@@ -96,6 +132,8 @@ class DatasetSpec:
     default_model: str
     natural_split: str | None
     vocab_size: int = 0
+    training: LocalTraining = LocalTraining()
+    central_test_size: int = 0
 
 
 class TokenWindows:
@@ -218,8 +256,26 @@ SPECS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec("digits", 10, (1, 8, 8), "float32", "cnn8", None),
     "mnist": DatasetSpec("mnist", 10, (1, 28, 28), "float32", "cnn28", None),
     "fashion-mnist": DatasetSpec("fashion-mnist", 10, (1, 28, 28), "float32", "cnn28", None),
-    "femnist": DatasetSpec("femnist", 62, (1, 28, 28), "float32", "cnn28", "writer"),
-    "har": DatasetSpec("har", 12, (6, HAR_WINDOW_LEN), "float32", "har1d", "user"),
+    "femnist": DatasetSpec(
+        "femnist",
+        62,
+        (1, 28, 28),
+        "float32",
+        "cnn28",
+        "writer",
+        training=LocalTraining(lr=0.05, batch_size=16, local_epochs=2),
+    ),
+    # Without clipping, lr 0.05 with momentum 0.9 sent most HAR clients' losses to NaN.
+    "har": DatasetSpec(
+        "har",
+        12,
+        (6, HAR_WINDOW_LEN),
+        "float32",
+        "har1d",
+        "user",
+        training=LocalTraining(lr=0.05, batch_size=16, local_epochs=2, grad_clip_norm=1.0),
+    ),
+    # A speaker has ~4,600 windows (up to 26k): the step cap, not epochs, bounds a round.
     "shakespeare": DatasetSpec(
         "shakespeare",
         len(SHAKESPEARE_ALPHABET),
@@ -228,6 +284,8 @@ SPECS: dict[str, DatasetSpec] = {
         "chargru",
         "speaker",
         vocab_size=len(SHAKESPEARE_ALPHABET),
+        training=LocalTraining(lr=0.5, batch_size=32, local_epochs=1, local_steps=50, grad_clip_norm=1.0),
+        central_test_size=10_000,
     ),
     "heart": DatasetSpec("heart", 2, (13,), "float32", "mlp", "hospital"),
     "cifar10": DatasetSpec("cifar10", 10, (3, 32, 32), "float32", "cnn32", None),

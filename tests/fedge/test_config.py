@@ -78,7 +78,13 @@ def test_toml_file_and_pyproject_table(tmp_path: Path) -> None:
         ({"partition": "zipf"}, "partition"),
         ({"num-rounds": 0}, "num-rounds must be a positive whole number, got 0"),
         ({"num-clients": -3}, "num-clients must be a positive whole number, got -3"),
-        ({"batch-size": "abc"}, "batch-size must be a whole number, got 'abc'"),
+        ({"batch-size": "abc"}, "batch-size must be auto or a whole number, got 'abc'"),
+        ({"batch-size": 0}, "batch-size must be auto or a positive whole number, got 0"),
+        ({"local-epochs": 1.5}, "local-epochs must be auto or a whole number, got 1.5"),
+        ({"local-steps": -1}, "local-steps must be auto, 0 (no cap) or a positive whole number, got -1"),
+        ({"lr": "fast"}, "lr must be auto or a number, got 'fast'"),
+        ({"lr": True}, "lr must be auto or a number, got True"),
+        ({"grad-clip-norm": -0.5}, "grad-clip-norm must be auto, 0 (off) or a number > 0, got -0.5"),
         ({"num-rounds": 2.5}, "num-rounds must be a whole number, got 2.5"),
         ({"clients-per-round": 60}, "clients-per-round (60) exceeds num-clients (50)"),
         ({"min-reply-fraction": 0.0}, "min-reply-fraction must be in (0, 1], got 0.0"),
@@ -86,7 +92,7 @@ def test_toml_file_and_pyproject_table(tmp_path: Path) -> None:
         ({"fraction-evaluate": -0.1}, "fraction-evaluate must be in [0, 1]"),
         ({"num-round": 3}, "unknown config key 'num-round'; did you mean 'num-rounds'?"),
         ({"num_rounds": 3}, "unknown config key 'num_rounds'; did you mean 'num-rounds'?"),
-        ({"lr": -1}, "lr must be > 0"),
+        ({"lr": -1}, "lr must be auto or a number > 0, got -1.0"),
         ({"export-every": "sometimes"}, "export-every must be off, final or a positive whole number"),
         ({"export-every": 0}, "export-every must be off, final or a positive whole number"),
         ({"export-federated-eval": "maybe"}, "export-federated-eval must be true or false, got 'maybe'"),
@@ -144,3 +150,70 @@ def test_bad_compression_settings_are_one_line_errors(values: dict[str, object],
         RunConfig.from_mapping(values)
     text = str(excinfo.value)
     assert message in text and "\n" not in text
+
+
+# Each dataset's local-training defaults, as measured (README, "Datasets"): closed values.
+# digits' are the values every figure before `auto` was measured with.
+EXPECTED_TRAINING = {
+    # dataset: (lr, batch_size, local_epochs, local_steps, grad_clip_norm)
+    "digits": (0.05, 8, 5, 0, 0.0),
+    "mnist": (0.05, 8, 5, 0, 0.0),
+    "fashion-mnist": (0.05, 8, 5, 0, 0.0),
+    "femnist": (0.05, 16, 2, 0, 0.0),
+    "har": (0.05, 16, 2, 0, 1.0),
+    "shakespeare": (0.5, 32, 1, 50, 1.0),
+    "heart": (0.05, 8, 5, 0, 0.0),
+    "cifar10": (0.05, 8, 5, 0, 0.0),
+}
+
+
+@pytest.mark.parametrize("dataset", list(EXPECTED_TRAINING))
+def test_auto_resolves_to_the_datasets_defaults(dataset: str) -> None:
+    from fedge.data import SPECS
+
+    t = RunConfig(dataset=dataset).training(SPECS[dataset])
+    assert (t.lr, t.batch_size, t.local_epochs, t.local_steps, t.grad_clip_norm) == EXPECTED_TRAINING[dataset]
+
+
+def test_every_builtin_dataset_has_expected_training_defaults() -> None:
+    from fedge.data import DATASETS
+
+    assert set(EXPECTED_TRAINING) == set(DATASETS)
+
+
+def test_digits_defaults_are_unchanged() -> None:
+    from fedge.data import SPECS
+    from fedge.records import BATCH_SIZE, GRAD_CLIP_NORM, LOCAL_EPOCHS, LOCAL_STEPS, LR, MOMENTUM
+
+    cfg = RunConfig()
+    assert (cfg.lr, cfg.batch_size, cfg.local_epochs, cfg.local_steps, cfg.grad_clip_norm) == ("auto",) * 5
+    assert cfg.train_settings(SPECS["digits"]) == {
+        LR: 0.05,
+        MOMENTUM: 0.9,
+        LOCAL_EPOCHS: 5,
+        LOCAL_STEPS: 0,
+        BATCH_SIZE: 8,
+        GRAD_CLIP_NORM: 0.0,
+    }
+
+
+def test_each_explicit_value_overrides_only_its_own_auto() -> None:
+    from fedge.data import SPECS
+
+    cfg = RunConfig.from_mapping({"dataset": "shakespeare", "local-epochs": "3", "lr": 0.1})
+    t = cfg.training(SPECS["shakespeare"])
+    # lr and epochs as given; batch, the step cap and clipping stay the dataset's.
+    assert (t.lr, t.batch_size, t.local_epochs, t.local_steps, t.grad_clip_norm) == (0.1, 32, 3, 50, 1.0)
+    lifted = RunConfig.from_mapping({"dataset": "shakespeare", "local-steps": 0, "grad-clip-norm": "0"})
+    t = lifted.training(SPECS["shakespeare"])
+    assert (t.local_steps, t.grad_clip_norm) == (0, 0.0)
+
+
+def test_auto_round_trips_through_text_and_toml(tmp_path: Path) -> None:
+    cfg = RunConfig.from_mapping({"lr": " auto ", "batch-size": "32", "local-steps": "auto"})
+    assert (cfg.lr, cfg.batch_size, cfg.local_steps) == ("auto", 32, "auto")
+    assert isinstance(RunConfig.from_mapping({"lr": 1}).lr, float)
+    (tmp_path / "c.toml").write_text('lr = "auto"\nbatch-size = 16\ngrad-clip-norm = 2\n')
+    from_file = RunConfig.from_toml(tmp_path / "c.toml")
+    assert (from_file.lr, from_file.batch_size, from_file.grad_clip_norm) == ("auto", 16, 2.0)
+    assert RunConfig.from_mapping(from_file.to_mapping()) == from_file

@@ -520,7 +520,9 @@ def test_federated_data_shapes_and_dtypes(
             assert y.min() >= 0 and y.max() < spec.num_classes
     x_test, y_test = fd.central_test()
     data = load_dataset(dataset, root, seed=0)
-    assert len(x_test) == len(y_test) == len(data.y_test)
+    # The whole test split, but shakespeare's every-91st window (test_central_test_of_shakespeare...).
+    expected = 9_986 if dataset == "shakespeare" else len(data.y_test)
+    assert len(x_test) == len(y_test) == expected
     sizes = fd.partition_sizes()
     assert len(sizes) == num_partitions and min(sizes) >= 1
     if partition != "natural":
@@ -591,3 +593,24 @@ def test_federated_data_pickles_without_its_data() -> None:
     copy = pickle.loads(pickle.dumps(fd))
     assert copy._data is None and copy.partition_sizes() == sizes
     assert np.array_equal(copy.client_test(5)[1], fd.client_test(5)[1])
+
+
+# ----------------------------------------------------------------------------- central test
+
+
+def test_central_test_is_the_whole_split_without_a_size_cap() -> None:
+    assert SPECS["digits"].central_test_size == 0
+    _, y = federated_data("digits", "iid", 5, 0).central_test()
+    assert len(y) == 360  # 20% of scikit-learn's 1,797 digits, stratified (360 = 1797 - 1437)
+
+
+def test_central_test_of_shakespeare_is_an_even_stride(root: str) -> None:
+    # 908,712 test windows capped at 10,000: stride ceil(908712 / 10000) = 91 gives
+    # ceil(908712 / 91) = 9,986 windows, the rows 0, 91, 182, ...
+    assert SPECS["shakespeare"].central_test_size == 10_000
+    full = load_dataset("shakespeare", root)
+    x, y = federated_data("shakespeare", "natural", 10, 42, data_dir=root).central_test()
+    assert len(full.y_test) == 908_712
+    assert len(y) == 9_986
+    np.testing.assert_array_equal(y, full.y_test[::91])
+    np.testing.assert_array_equal(np.asarray(x[:3]), full.x_test[[0, 91, 182]])
