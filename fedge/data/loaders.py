@@ -252,10 +252,24 @@ class LoadedDataset:
     y_unseen: np.ndarray | None = None
 
 
+_ONE_EPOCH_OF_32 = LocalTraining(lr=0.05, batch_size=32, local_epochs=1)
+
 SPECS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec("digits", 10, (1, 8, 8), "float32", "cnn8", None),
-    "mnist": DatasetSpec("mnist", 10, (1, 28, 28), "float32", "cnn28", None),
-    "fashion-mnist": DatasetSpec("fashion-mnist", 10, (1, 28, 28), "float32", "cnn28", None),
+    # 1,200 images a client (50 clients): one epoch of batch 32 is 38 steps, digits' 5 epochs
+    # of batch 8 would be 750 a round.
+    "mnist": DatasetSpec(
+        "mnist", 10, (1, 28, 28), "float32", "cnn28", None, training=_ONE_EPOCH_OF_32
+    ),
+    "fashion-mnist": DatasetSpec(
+        "fashion-mnist",
+        10,
+        (1, 28, 28),
+        "float32",
+        "cnn28",
+        None,
+        training=_ONE_EPOCH_OF_32,
+    ),
     "femnist": DatasetSpec(
         "femnist",
         62,
@@ -287,8 +301,10 @@ SPECS: dict[str, DatasetSpec] = {
         training=LocalTraining(lr=0.5, batch_size=32, local_epochs=1, local_steps=50, grad_clip_norm=1.0),
         central_test_size=10_000,
     ),
-    "heart": DatasetSpec("heart", 2, (13,), "float32", "mlp", "hospital"),
-    "cifar10": DatasetSpec("cifar10", 10, (3, 32, 32), "float32", "cnn32", None),
+    "heart": DatasetSpec("heart", 2, (13,), "float32", "mlp", "hospital", training=LocalTraining(lr=0.01)),
+    "cifar10": DatasetSpec(
+        "cifar10", 10, (3, 32, 32), "float32", "cnn32", None, training=_ONE_EPOCH_OF_32
+    ),
 }
 
 _IDX_NAMES = (

@@ -157,13 +157,13 @@ def test_bad_compression_settings_are_one_line_errors(values: dict[str, object],
 EXPECTED_TRAINING = {
     # dataset: (lr, batch_size, local_epochs, local_steps, grad_clip_norm)
     "digits": (0.05, 8, 5, 0, 0.0),
-    "mnist": (0.05, 8, 5, 0, 0.0),
-    "fashion-mnist": (0.05, 8, 5, 0, 0.0),
+    "mnist": (0.05, 32, 1, 0, 0.0),
+    "fashion-mnist": (0.05, 32, 1, 0, 0.0),
     "femnist": (0.05, 16, 2, 0, 0.0),
     "har": (0.05, 16, 2, 0, 1.0),
     "shakespeare": (0.5, 32, 1, 50, 1.0),
-    "heart": (0.05, 8, 5, 0, 0.0),
-    "cifar10": (0.05, 8, 5, 0, 0.0),
+    "heart": (0.01, 8, 5, 0, 0.0),
+    "cifar10": (0.05, 32, 1, 0, 0.0),
 }
 
 
