@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -20,41 +18,73 @@ from flwr.clientapp.typing import Mod
 from flwr.common.constant import ErrorCode
 
 from fedge.client.mods import compression_mod, fp16_downlink_mod
+from fedge.client.settings import ClientSettings, resolve_settings, warn_unknown_keys
 from fedge.config import AUTO, RunConfig
 from fedge.data import FederatedData
+from fedge.deploy.artifacts import CANDIDATE_MANIFEST, CANDIDATE_SIGNATURE
 from fedge.models import build_model
 from fedge.records import (
     ARRAYS_KEY,
     BATCH_SIZE,
+    CODEC,
     CONFIG_KEY,
+    DATA_SEED,
+    DATASET,
+    ERROR_FEEDBACK,
     EVAL_ACCURACY,
     EVAL_LOSS,
     GRAD_CLIP_NORM,
     LOCAL_EPOCHS,
     LOCAL_STEPS,
+    LOCAL_TEST_FRACTION,
     LR,
     METRICS_KEY,
+    MODEL,
     MOMENTUM,
     NUM_EXAMPLES,
+    NUM_PARTITIONS,
     ONNX_ACTION,
+    ONNX_FP32,
+    ONNX_INT8,
+    PARTITION,
     PROXIMAL_MU,
+    ROTATION_SEED,
     SEED,
     SERVER_ROUND,
     TRAIN_LOSS,
     load_arrays,
     model_to_arrays,
 )
+from fedge.rng import Stream, stream_seed
 from fedge.training import DivergenceError, evaluate, train_local
+
+# Every round-config key this client reads; anything else is ignored with one warning.
+KNOWN_CONFIG_KEYS = frozenset(
+    {
+        SERVER_ROUND, LR, MOMENTUM, LOCAL_EPOCHS, LOCAL_STEPS, BATCH_SIZE, GRAD_CLIP_NORM, PROXIMAL_MU, SEED,
+        CODEC, ERROR_FEEDBACK, ROTATION_SEED,
+        DATASET, PARTITION, NUM_PARTITIONS, DATA_SEED, MODEL, LOCAL_TEST_FRACTION,
+        ONNX_FP32, ONNX_INT8, CANDIDATE_MANIFEST, CANDIDATE_SIGNATURE,
+    }
+)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=8)
-def _config_from_items(items: tuple[tuple[str, Any], ...]) -> RunConfig:
-    return RunConfig.from_mapping(dict(items))
+def _client_config(settings: ClientSettings) -> RunConfig:
+    return settings.run_config()
 
 
-def config_from_context(context: Context) -> RunConfig:
-    """Parse ``context.run_config`` once per distinct config (cached per process)."""
-    return _config_from_items(tuple(sorted(context.run_config.items())))
+def client_config(msg: Message, context: Context, fallback: RunConfig | None = None) -> tuple[RunConfig, int]:
+    """The run config a client loads its data and model with, and its partition id.
+
+    From the message's round config (the server's ``client_settings``) and the node config,
+    never from ``context.run_config`` (:mod:`fedge.client.settings`); ``fallback`` fills a
+    key an older server did not send.
+    """
+    round_cfg = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    warn_unknown_keys(round_cfg, KNOWN_CONFIG_KEYS)
+    settings = resolve_settings(round_cfg, context, fallback)
+    return _client_config(settings), settings.partition_id
 
 
 def client_data(cfg: RunConfig) -> FederatedData:
@@ -75,20 +105,18 @@ def _model_for(cfg: RunConfig, data: FederatedData) -> torch.nn.Module:
     return _model(cfg.resolved_model(spec.default_model), spec.input_shape, spec.num_classes, spec.vocab_size)
 
 
-def partition_id(context: Context) -> int:
-    """The client's data partition, from ``node_config["partition-id"]``."""
-    try:
-        return int(context.node_config["partition-id"])
-    except KeyError:
-        raise ValueError(
-            "node_config has no 'partition-id'; start the SuperNode with "
-            '--node-config "partition-id=K num-partitions=N"'
-        ) from None
-
-
 def client_seed(seed: int, server_round: int, pid: int) -> int:
-    """Seed of a client's local shuffling in a round: distinct per (seed, round, client)."""
-    return int(np.random.SeedSequence([seed, server_round, pid]).generate_state(1)[0])
+    """Seed of a client's local shuffling in a round (:data:`fedge.rng.Stream.LOCAL_SHUFFLE`)."""
+    return stream_seed(seed, Stream.LOCAL_SHUFFLE, server_round, pid, bits=63)
+
+
+def _required_int(record: ConfigRecord, key: str) -> int:
+    value = record.get(key)
+    if value is None:
+        raise ValueError(f"round config lacks {key!r}; the server must send it (upgrade the server)")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"round config {key!r} must be a whole number >= 0, got {value!r}")
+    return value
 
 
 def _number(record: ConfigRecord, key: str, default: float) -> float:
@@ -105,15 +133,15 @@ def _setting(record: ConfigRecord, key: str, resolved: float) -> float:
     return resolved if record.get(key) == AUTO else _number(record, key, resolved)
 
 
-def _handle_train(cfg: RunConfig, msg: Message, context: Context) -> Message:
+def _handle_train(fallback: RunConfig | None, msg: Message, context: Context) -> Message:
+    cfg, pid = client_config(msg, context, fallback)
     data = client_data(cfg)
-    pid = partition_id(context)
     x, y = data.client_train(pid)
     model = _model_for(cfg, data)
     load_arrays(model, msg.content.array_records[ARRAYS_KEY])
     round_cfg = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
-    server_round = int(_number(round_cfg, SERVER_ROUND, 0))
-    seed = int(_number(round_cfg, SEED, cfg.seed))
+    server_round = _required_int(round_cfg, SERVER_ROUND)
+    seed = int(_number(round_cfg, SEED, cfg.seed))  # the run seed; the data seed is the same
     local = cfg.training(data.spec)
     try:
         result = train_local(
@@ -141,9 +169,10 @@ def _handle_train(cfg: RunConfig, msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _handle_evaluate(cfg: RunConfig, msg: Message, context: Context) -> Message:
+def _handle_evaluate(fallback: RunConfig | None, msg: Message, context: Context) -> Message:
+    cfg, pid = client_config(msg, context, fallback)
     data = client_data(cfg)
-    x, y = data.client_test(partition_id(context))
+    x, y = data.client_test(pid)
     model = _model_for(cfg, data)
     load_arrays(model, msg.content.array_records[ARRAYS_KEY])
     result = evaluate(model, x, y)
@@ -153,11 +182,12 @@ def _handle_evaluate(cfg: RunConfig, msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
 
-def _handle_evaluate_onnx(cfg: RunConfig, msg: Message, context: Context) -> Message:
+def _handle_evaluate_onnx(fallback: RunConfig | None, msg: Message, context: Context) -> Message:
     """The federated int8 check: verify the signed candidate, then score it (``fedge.client.onnx_check``)."""
     from fedge.client.onnx_check import evaluate_candidate
 
-    x, y = client_data(cfg).client_test(partition_id(context))
+    cfg, pid = client_config(msg, context, fallback)
+    x, y = client_data(cfg).client_test(pid)
     return evaluate_candidate(msg, context, x, y)
 
 
@@ -167,31 +197,30 @@ def make_client_app(cfg: RunConfig | None = None, mods: Sequence[Mod] = ()) -> C
     Parameters
     ----------
     cfg : RunConfig, optional
-        The run's config. ``None`` reads it from each message's ``context.run_config``
-        (as under ``flwr run``); Flower's Ray engine gives apps an empty run config,
-        so it needs the config closed over here.
+        Fills in a setting an older server did not send with its messages. Clients take
+        their data and training settings from each message (the server sends them), never
+        from ``context.run_config``, so ``None`` (under ``flwr run``, on a device) and an
+        empty run config (Flower's Ray engine) both train what the server says.
     mods : sequence of Mod
-        Flower client mods wrapped around the handlers (DP clipping and secure-aggregation
-        masking plug in here). fedge's own mods always wrap them: the fp16 downlink
-        widening outermost, then update compression, so a mod given here sees a float32
-        model and the trained weights before they are compressed.
+        Ordinary Flower mods. They wrap everything: a mod given here sees the message as
+        received and the reply as sent. What happens to a trained update (clipping,
+        encoding, noise, masking) is the update pipeline's, in its one declared order
+        (:mod:`fedge.client.pipeline`), inside them; the fp16 downlink widening sits
+        between the two.
     """
-    app = ClientApp(mods=[fp16_downlink_mod, compression_mod, *mods])
-
-    def resolve(context: Context) -> RunConfig:
-        return cfg if cfg is not None else config_from_context(context)
+    app = ClientApp(mods=[*mods, fp16_downlink_mod, compression_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return _handle_train(resolve(context), msg, context)
+        return _handle_train(cfg, msg, context)
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        return _handle_evaluate(resolve(context), msg, context)
+        return _handle_evaluate(cfg, msg, context)
 
     @app.evaluate(ONNX_ACTION)
     def evaluate_onnx(msg: Message, context: Context) -> Message:
-        return _handle_evaluate_onnx(resolve(context), msg, context)
+        return _handle_evaluate_onnx(cfg, msg, context)
 
     return app
 
@@ -199,4 +228,4 @@ def make_client_app(cfg: RunConfig | None = None, mods: Sequence[Mod] = ()) -> C
 # The app `flwr run` and SuperNodes load (pyproject's [tool.flwr.app.components]).
 app = make_client_app()
 
-__all__ = ["app", "client_seed", "config_from_context", "make_client_app"]
+__all__ = ["KNOWN_CONFIG_KEYS", "app", "client_config", "client_seed", "make_client_app"]

@@ -82,7 +82,15 @@ def run_federation(
         from fedge.server.export_hook import ExportHook
 
         all_hooks.append(ExportHook(cfg, run_dir))
-    loop = RoundLoop(cfg, build_strategy(cfg), initial, evaluate_fn, run_dir, hooks=all_hooks)
+    loop = RoundLoop(
+        cfg,
+        build_strategy(cfg),
+        initial,
+        evaluate_fn,
+        run_dir,
+        hooks=all_hooks,
+        train_settings=cfg.train_settings(cfg.federated_data().spec),
+    )
     if resume:
         done = loop.resume()
         log.info("resuming %s after round %d", run_dir, done)

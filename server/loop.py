@@ -36,13 +36,9 @@ from fedge.aggregation import Aggregate, Dropped, add_update, sum_updates
 from fedge.config import RunConfig
 from fedge.records import (
     ARRAYS_KEY,
-    BATCH_SIZE,
     CODEC,
     ERROR_FEEDBACK,
-    LOCAL_EPOCHS,
-    LR,
     METRICS_KEY,
-    MOMENTUM,
     NUM_EXAMPLES,
     ROTATION_SEED,
     SEED,
@@ -225,6 +221,10 @@ class RoundLoop:
         Applied in order to the mean update before a linear strategy sees it.
     components : mapping of str to Stateful
         Further components whose ``state_dict`` the checkpoint keeps (an accountant).
+    train_settings : mapping, optional
+        The resolved local-training settings every round sends
+        (:meth:`RunConfig.train_settings` of the loaded dataset's spec); by default
+        resolved from the built-in dataset's spec.
 
     Raises
     ------
@@ -244,6 +244,7 @@ class RoundLoop:
         transport: Transport | None = None,
         mean_stages: Sequence[MeanStage] = (),
         components: Mapping[str, Stateful] | None = None,
+        train_settings: Mapping[str, int | float] | None = None,
     ) -> None:
         self.cfg = cfg
         self.strategy = strategy
@@ -264,6 +265,12 @@ class RoundLoop:
                 "their sum (secure aggregation); choose a linear strategy (fedavg, fedavgm, fedprox, "
                 "fedadam, fedyogi, fedadagrad)"
             )
+        if train_settings is None:
+            from fedge.data import check_dataset_name
+
+            spec = check_dataset_name(cfg.dataset) or cfg.federated_data().spec
+            train_settings = cfg.train_settings(spec)
+        self.train_settings = dict(train_settings)
         self.history: list[RoundRecord] = []
         self.last_round = 0
 
@@ -383,10 +390,8 @@ class RoundLoop:
         record = ConfigRecord(
             {
                 SERVER_ROUND: server_round,
-                LR: cfg.lr,
-                MOMENTUM: cfg.momentum,
-                LOCAL_EPOCHS: cfg.local_epochs,
-                BATCH_SIZE: cfg.batch_size,
+                # lr, momentum, epochs, step cap, batch size, clipping: resolved, never "auto".
+                **self.train_settings,
                 SEED: cfg.seed,
                 **cfg.client_settings(),
             }

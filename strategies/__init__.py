@@ -117,7 +117,9 @@ def _common(cfg: RunConfig) -> dict[str, Any]:
 
 def _fedopt(cls: type[FedAdam] | type[FedYogi] | type[FedAdagrad]) -> Callable[[RunConfig], Strategy]:
     def build(cfg: RunConfig) -> Strategy:
-        return cls(**_common(cfg), eta=cfg.server_lr, eta_l=cfg.lr)
+        # eta_l (the clients' lr) only appears in Flower's summary(); fedge sends clients
+        # their resolved lr itself, so it is left at Flower's default here.
+        return cls(**_common(cfg), eta=cfg.server_lr)
 
     return build
 

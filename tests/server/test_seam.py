@@ -231,6 +231,7 @@ CHANGED = {
     "lr": 0.1,
     "momentum": 0.5,
     "local-steps": 3,
+    "grad-clip-norm": 2.0,
     "seed": 7,
     "engine": "ray",
     "min-reply-fraction": 0.9,
