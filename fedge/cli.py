@@ -262,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedge.deploy.registry import RegistryError
     from fedge.models import ModelError
     from fedge.server.checkpoint import CheckpointError
+    from fedge.server.loop import RunFailedError
+    from fedge.server.transport import FederationTooSmallError
     from fedge.simulation.grid import EngineError
 
     parser = build_parser()
@@ -283,6 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, ModelError, CheckpointError, ArtifactError, RegistryError) as err:
         print(f"fedge: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except (RunFailedError, FederationTooSmallError) as err:  # nothing worked: a failed run
+        print(f"fedge: error: {err}", file=sys.stderr)
+        return EXIT_ENGINE
     except EngineError as err:  # the simulation engine itself failed: not a usage error
         print(f"fedge: error: {err}", file=sys.stderr)
         return EXIT_ENGINE

@@ -31,12 +31,12 @@ export evaluation subset      :data:`Stream.EXPORT_EVALUATION`     (none)
 int8 calibration samples      :data:`Stream.CALIBRATION`           (none)
 partitions (flwr-datasets)    :data:`Stream.PARTITION`             (none)
 a client's local test split   :data:`Stream.LOCAL_TEST_SPLIT`      partition
-per-writer/user train/test    :data:`Stream.TRAIN_TEST_SPLIT`      (none)
 DP noise, secagg masks, keys  :class:`SecretSource`                (secret: OS entropy)
 ============================  ===================================  ==========================
 
 Model initialisation seeds its own ``torch.Generator`` with the run seed (nothing else
-draws from torch's generators).
+draws from torch's generators), and a dataset's canonical train/test split (per writer,
+user or hospital) is keyed by the run seed inside its loader, a separate generator.
 """
 
 from __future__ import annotations
@@ -76,7 +76,6 @@ class Stream(IntEnum):
     CALIBRATION = 0x5A3D_0008
     LOCAL_TEST_SPLIT = 0x5A3D_0009
     PARTITION = 0x5A3D_000A
-    TRAIN_TEST_SPLIT = 0x5A3D_000B
 
 
 def _entropy(seed: int, stream: Stream, keys: tuple[int, ...]) -> list[int]:

@@ -162,3 +162,21 @@ def test_an_engine_that_cannot_start_exits_1_with_one_line(
     assert main(["simulate", "--num-rounds", "1", *TINY, "--out", str(tmp_path / "run")]) == 1
     err = _one_line_error(capsys)
     assert "client app fedge_no_such_module:app cannot start in a worker process" in err
+
+
+def test_a_run_in_which_no_round_aggregated_fails_with_one_line(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    # max-examples-per-client 1: every digits client (dozens of samples) claims more and is
+    # dropped, so no round aggregates: exit 1 and one line, not "success" with zero clients.
+    from fedge.cli import main
+
+    status = main(
+        [
+            "simulate", "--quiet", "--out", str(tmp_path / "run"), "--num-rounds", "2", "--num-clients", "4",
+            "--clients-per-round", "2", "--local-epochs", "1", "--export-every", "off", "--workers", "1",
+            "--max-examples-per-client", "1",
+        ]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1
+    assert err[-1].startswith("fedge: error: no round aggregated an update: all 2 rounds failed")
+    assert (tmp_path / "run" / "summary.json").is_file()  # the run folder is still written

@@ -26,6 +26,7 @@ from fedge.data.partition import (
     parse_partition,
     partition_indices,
 )
+from fedge.rng import Stream, stream_rng, stream_seed
 
 
 def take(x: ArrayLike, indices: np.ndarray) -> ArrayLike:
@@ -182,8 +183,14 @@ class FederatedData:
                 return self._data
             data = load_dataset(self._name, self._data_dir, self._seed)
             self._spec = data.spec
+            # Named streams of the run seed (fedge.rng): the partition and each client's
+            # local split never share draws with each other or with sampling.
             parts = partition_indices(
-                data.y_train, self._partition, self._num_partitions, self._seed, data.train_ids
+                data.y_train,
+                self._partition,
+                self._num_partitions,
+                stream_seed(self._seed, Stream.PARTITION),
+                data.train_ids,
             )
             if self._partition.kind == "natural" and data.test_ids is not None:
                 assert data.train_ids is not None
@@ -193,7 +200,7 @@ class FederatedData:
                 train_parts, test_parts = [], []
                 for pid, part in enumerate(parts):
                     # One stream per (seed, client): a client's split never depends on P's order.
-                    rng = np.random.default_rng([self._seed, pid])
+                    rng = stream_rng(self._seed, Stream.LOCAL_TEST_SPLIT, pid)
                     train, test = local_split(part, self._local_test_fraction, rng)
                     train_parts.append(train)
                     test_parts.append(test)
