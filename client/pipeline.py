@@ -164,12 +164,22 @@ class UpdatePipeline:
             return reply
         records = reply.content.array_records
         if any(has_codec_payloads(record) for record in records.values()):
+            if self.has_stages:
+                # Clipping, noise and masking must see every update: never bypassed.
+                raise CodecError(
+                    "the handler encoded its update itself, bypassing the clip/noise/mask stages"
+                )
             return reply  # the handler encoded its update itself
         # 1. update = local - global, for every record the server sent and the reply returns
         updates: Updates = {}
         passthrough: dict[str, dict[str, np.ndarray]] = {}
         for key, record in records.items():
             if key not in references:
+                if self.has_stages:
+                    raise CodecError(
+                        f"the reply carries a record {key!r} the server did not send; with clip/noise/mask "
+                        "stages every record sent must be an update of one the server sent"
+                    )
                 continue  # a record of the client's own: sent as it is
             local = arrays_to_numpy(record)
             reference = references[key]

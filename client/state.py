@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Context
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save
 
-from fedge.files import write_bytes_atomic
+from fedge.files import safetensors_bytes, safetensors_metadata, write_bytes_atomic
 from fedge.records import arrays_to_numpy, numpy_to_arrays
 from fedge.update_records import is_float32
 
@@ -52,7 +51,7 @@ def state_dir(context: Context) -> Path | None:
 def _read_file(path: Path, run_id: int) -> dict[str, np.ndarray] | None:
     try:
         with safe_open(str(path), framework="np") as fh:
-            meta = fh.metadata() or {}
+            meta = safetensors_metadata(fh.metadata())
             if meta.get("format") != RESIDUAL_FORMAT:
                 log.warning("ignoring %s: not a fedge error-feedback residual", path)
                 return None
@@ -60,7 +59,7 @@ def _read_file(path: Path, run_id: int) -> dict[str, np.ndarray] | None:
                 log.info("ignoring %s: its residual belongs to run %s", path, meta.get("run-id"))
                 return None
             return {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 (not a dict)
-    except (OSError, SafetensorError) as err:
+    except (OSError, SafetensorError, ValueError) as err:
         log.warning("ignoring unreadable residual %s (%s); starting from zeros", path, err)
         return None
 
@@ -101,7 +100,8 @@ def save_residual(context: Context, residual: Mapping[str, np.ndarray]) -> None:
     folder = state_dir(context)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        data = save(arrays, metadata={"format": RESIDUAL_FORMAT, "run-id": str(context.run_id)})
+        # One sorted metadata entry: the same residual gives the same bytes.
+        data = safetensors_bytes(arrays, {"format": RESIDUAL_FORMAT, "run-id": str(context.run_id)})
         write_bytes_atomic(folder / RESIDUAL_FILE, data, mode=0o600)
 
 

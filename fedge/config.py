@@ -107,8 +107,10 @@ class RunConfig:
         Longest wait for the replies of one round, in seconds.
     max_examples_per_client : int
         The largest ``num-examples`` (aggregation weight) a client may report; a reply
-        claiming more is dropped, so a liar cannot outweigh everyone else or overflow
-        the weight sum (default 1,000,000: above every built-in dataset's largest client).
+        claiming more is dropped, so a liar cannot outweigh everyone else or overflow the
+        weight sum. 0 (the default) means the largest training partition of the run's
+        data as the server partitions it: a liar weighs at most as much as the largest
+        honest client. Set it explicitly when devices hold data of their own.
     local_test_fraction : float
         Share of each client's partition held out for federated evaluation
         (natural splits use the client's own test data instead).
@@ -181,7 +183,7 @@ class RunConfig:
     workers: int = 0
     min_reply_fraction: float = 0.5
     round_timeout_s: float = 600.0
-    max_examples_per_client: int = 1_000_000
+    max_examples_per_client: int = 0
     local_test_fraction: float = 0.0
     fraction_evaluate: float = 0.0
     proximal_mu: float = 0.0
@@ -262,8 +264,9 @@ class RunConfig:
         )
         _check(self.round_timeout_s > 0, f"round-timeout-s must be > 0, got {self.round_timeout_s}")
         _check(
-            0 < self.max_examples_per_client < 2**53,
-            f"max-examples-per-client must be in [1, 2**53), got {self.max_examples_per_client}",
+            0 <= self.max_examples_per_client < 2**53,
+            "max-examples-per-client must be 0 (the largest partition) or a whole number below 2**53, "
+            f"got {self.max_examples_per_client}",
         )
         _check(
             0 <= self.local_test_fraction < 1,

@@ -5,7 +5,7 @@ Two kinds of draws, never mixed:
 * **Reproducible** draws (who is sampled, how a client shuffles its data, how the data is
   partitioned, which samples calibrate the int8 model, stochastic rounding of updates,
   the rotation of rotated codecs) come from the public run ``seed`` through a *named
-  stream*: ``SeedSequence([seed, STREAM, *keys])``. Every purpose has its own stream
+  stream*: a ``SeedSequence`` of ``(STREAM, len(keys), seed, *keys)``. Every purpose has its own stream
   constant, so no two purposes share draws (with bare ``[seed, round]`` and ``[seed,
   partition]`` the sample of round 2 and the split of partition 2 were the same stream,
   and ``seed + 1`` was another run's seed). A resumed run, another engine or another
@@ -78,15 +78,27 @@ class Stream(IntEnum):
     PARTITION = 0x5A3D_000A
 
 
+_WORD = (1 << 32) - 1
+
+
 def _entropy(seed: int, stream: Stream, keys: tuple[int, ...]) -> list[int]:
-    values = [int(seed), int(stream), *(int(k) for k in keys)]
-    if any(v < 0 for v in values):
-        raise ValueError(f"stream keys must be non-negative integers, got {values}")
-    return values
+    """``[stream, number of keys, seed, *keys]``, every value as two 32-bit words.
+
+    Fixed-width words and the key count make the encoding injective: ``SeedSequence``
+    pads trailing zeros (``[s, S, k]`` would equal ``[s, S, k, 0]``) and splits integers
+    of 2**32 or more into words (``[s, S, 2**32 + 7]`` would equal ``[s, S, 7, 1]``).
+    """
+    values = [int(seed), *(int(k) for k in keys)]
+    if any(not 0 <= v < 1 << 64 for v in values):
+        raise ValueError(f"the seed and stream keys must be integers in [0, 2**64), got {values}")
+    words = [int(stream), len(keys)]
+    for v in values:
+        words.extend((v >> 32, v & _WORD))
+    return words
 
 
 def stream_seed_sequence(seed: int, stream: Stream, *keys: int) -> np.random.SeedSequence:
-    """``SeedSequence([seed, stream, *keys])``: the named stream for ``keys``.
+    """The named stream for ``keys``: a ``SeedSequence`` of ``(stream, len(keys), seed, *keys)``.
 
     Parameters
     ----------

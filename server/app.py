@@ -82,6 +82,7 @@ def run_federation(
         from fedge.server.export_hook import ExportHook
 
         all_hooks.append(ExportHook(cfg, run_dir))
+    data = cfg.federated_data()
     loop = RoundLoop(
         cfg,
         build_strategy(cfg),
@@ -89,7 +90,8 @@ def run_federation(
         evaluate_fn,
         run_dir,
         hooks=all_hooks,
-        train_settings=cfg.train_settings(cfg.federated_data().spec),
+        train_settings=cfg.train_settings(data.spec),
+        max_examples=cfg.max_examples_per_client or max(data.partition_sizes()),
     )
     if resume:
         done = loop.resume()
@@ -111,7 +113,7 @@ def run_federation(
         run_dir, cfg, history, arrays_to_numpy(loop.arrays), time.perf_counter() - started_at, extra
     )
     # A run in which nothing worked is a failure, not a success with zero clients.
-    require_some_round_aggregated(history)
+    require_some_round_aggregated(history, loop.internal_errors)
     return summary
 
 

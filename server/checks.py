@@ -4,7 +4,8 @@ Everything in a reply is controlled by the client, so everything is bounded and
 type-checked before use. A reply that fails a check is dropped from its round with a
 logged reason and the round goes on. Expected failures (bytes that do not decode, wrong
 shapes, NaN, absurd counts) are reasons; an exception of another kind is a bug in fedge,
-logged with its traceback as one, and that client is dropped too (:data:`INTERNAL_ERROR`).
+logged with its traceback as one, and that client is dropped too (:data:`INTERNAL_ERROR`);
+only the calls that read a client's bytes are guarded as "bad input".
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ def _check_record(
                 update = None
         except CodecError as err:
             return f"bad compressed update for {name!r}: {err}"
+        except _BAD_INPUT as err:  # bytes numpy cannot read, a bogus dtype or shape: the client's
+            return f"unreadable update for {name!r} ({type(err).__name__}: {err})"
         # The declared shape/dtype and the bytes can disagree: check what decodes.
         if values.shape != ref.shape or values.dtype != ref.dtype:
             return (
@@ -169,9 +172,7 @@ def check_update(
         return None, f"client error: {reply.error.reason}"
     try:
         return _check_update(reply, references, schema, max_examples)
-    except _BAD_INPUT as err:  # undecodable bytes, a bogus dtype, ...: a reason
-        return None, f"unreadable update ({type(err).__name__}: {err})"
-    except Exception as err:
+    except Exception as err:  # the client's bytes are read under their own handler: this is fedge's
         log.exception("bug: checking the reply of node %d raised", reply.metadata.src_node_id)
         return None, f"{INTERNAL_ERROR}: {type(err).__name__}: {err})"
 

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
 
 from fedge.aggregation import Aggregate, Dropped, add_update, sum_updates
@@ -97,7 +98,6 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "export-calibration-samples": "exports read the model, never change it",
     "export-federated-eval": "exports read the model, never change it",
     "signing-key": "exports read the model, never change it",
-    "registry-dir": "exports read the model, never change it",
 }
 
 EvaluateFn = Callable[[ArrayRecord], EvalResult]
@@ -225,6 +225,9 @@ class RoundLoop:
         The resolved local-training settings every round sends
         (:meth:`RunConfig.train_settings` of the loaded dataset's spec); by default
         resolved from the built-in dataset's spec.
+    max_examples : int, optional
+        The largest weight a reply may claim: ``max-examples-per-client``, or when that is
+        0 the largest training partition (by default read from ``cfg.federated_data()``).
 
     Raises
     ------
@@ -245,6 +248,7 @@ class RoundLoop:
         mean_stages: Sequence[MeanStage] = (),
         components: Mapping[str, Stateful] | None = None,
         train_settings: Mapping[str, int | float] | None = None,
+        max_examples: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.strategy = strategy
@@ -271,8 +275,13 @@ class RoundLoop:
             spec = check_dataset_name(cfg.dataset) or cfg.federated_data().spec
             train_settings = cfg.train_settings(spec)
         self.train_settings = dict(train_settings)
+        if max_examples is None:
+            max_examples = cfg.max_examples_per_client or max(cfg.federated_data().partition_sizes())
+        self.max_examples = int(max_examples)
         self.history: list[RoundRecord] = []
         self.last_round = 0
+        # Replies dropped because checking them hit a bug in fedge (logged with tracebacks).
+        self.internal_errors = 0
 
     # --- state ----------------------------------------------------------------------
 
@@ -333,15 +342,25 @@ class RoundLoop:
             load_strategy_state_dict(self.strategy, ckpt.strategy_state)
         except (ValueError, TypeError) as err:
             raise CheckpointError(f"cannot restore the strategy from {self.run_dir}: {err}") from None
-        for name, component in self._components().items():
-            if name == LOOP_COMPONENT:
-                continue
-            if name not in ckpt.components:
+        # Every component's state, both ways: a component this run lacks would lose its
+        # state, one the checkpoint lacks would start over (an empty state is no state).
+        ours = {n: c for n, c in self._components().items() if n != LOOP_COMPONENT}
+        for name, state in ckpt.components.items():
+            if name not in ours and name not in (LOOP_COMPONENT, STRATEGY_COMPONENT) and state:
                 raise CheckpointError(
-                    f"the checkpoint in {self.run_dir} has no state for {name!r}; it was written by a run "
-                    "without it: resume with the same settings, or start a new run with --out"
+                    f"the checkpoint in {self.run_dir} holds state for {name!r}, which this run does not "
+                    "have: resume with the settings the run started with"
                 )
-            component.load_state_dict(ckpt.components[name])
+        for name, component in ours.items():
+            state = ckpt.components.get(name)
+            if not state:
+                if component.state_dict():
+                    raise CheckpointError(
+                        f"the checkpoint in {self.run_dir} has no state for {name!r}; it was written by a "
+                        "run without it: resume with the same settings, or start a new run with --out"
+                    )
+                continue
+            component.load_state_dict(state)
         self.history = [RoundRecord(**h) for h in ckpt.history]
         self.last_round = ckpt.server_round
         lines = "".join(json.dumps(r.to_dict()) + "\n" for r in self.history)
@@ -431,15 +450,17 @@ class RoundLoop:
         checked: list[CheckedUpdate] = []
         dropped = [Dropped(n, "no reply within round-timeout-s") for n in exchange.missing]
         internal = 0
+        seen: set[int] = set()
         for reply in exchange.replies:
             node = int(reply.metadata.src_node_id)
             if node not in references:
                 reason: str | None = f"reply from node {node}, which this round did not ask"
                 update = None
+            elif node in seen:
+                reason, update = "a second reply from the same node in one round", None
             else:
-                update, reason = check_update(
-                    reply, references[node], self.info.reply, self.cfg.max_examples_per_client
-                )
+                seen.add(node)
+                update, reason = check_update(reply, references[node], self.info.reply, self.max_examples)
             if update is not None:
                 checked.append(update)
             else:
@@ -447,6 +468,7 @@ class RoundLoop:
                 internal += reason.startswith(INTERNAL_ERROR)
                 dropped.append(Dropped(node, reason))
                 log.warning("round %d: dropped update of node %d: %s", server_round, node, reason)
+        self.internal_errors += internal
         if internal:
             log.error(
                 "round %d: %d replies hit a bug in fedge's checks (tracebacks above)", server_round, internal
@@ -478,6 +500,11 @@ class RoundLoop:
                 mean = stage(server_round, mean)
             if set(mean) != {ARRAYS_KEY} | set(self.info.reply.array_records):
                 raise ValueError(f"the aggregate holds records {sorted(mean)}, not the declared ones")
+            if not all(np.isfinite(v).all() for tensors in mean.values() for v in tensors.values()):
+                log.warning(
+                    "round %d: the mean is not finite; keeping the previous global model", server_round
+                )
+                return None
             content: dict[str, Any] = {
                 key: numpy_to_arrays(add_update(base[key], values)) for key, values in mean.items()
             }
@@ -491,16 +518,29 @@ class RoundLoop:
             replies = [synthetic]
         else:
             replies = [u.message for u in checked]
+        # A refused result must not leave its trace in the strategy (FedAvgM's momentum,
+        # FedAdam's moments): the state is restored to what it was before this round.
+        before = strategy_state_dict(self.strategy)
         try:
             new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
-        except Exception:  # a strategy refusing the replies must not end the run
-            log.exception("round %d: %s could not aggregate", server_round, type(self.strategy).__name__)
+        except (AggregationError, InconsistentMessageReplies) as err:  # the strategy refused them
+            log.warning(
+                "round %d: %s could not aggregate: %s", server_round, type(self.strategy).__name__, err
+            )
+            load_strategy_state_dict(self.strategy, before)
             return None
-        if new_arrays is None:
+        except Exception:
+            if self.info.linear:
+                raise  # it got the loop's own mean: a bug, not the clients' doing
+            log.exception(
+                "bug: %s raised in round %d on checked replies", type(self.strategy).__name__, server_round
+            )
+            load_strategy_state_dict(self.strategy, before)
             return None
-        model = self._as_model(new_arrays)
+        model = self._as_model(new_arrays) if new_arrays is not None else "the strategy returned no model"
         if isinstance(model, str):
             log.warning("round %d: %s; keeping the previous global model", server_round, model)
+            load_strategy_state_dict(self.strategy, before)
             return None
         return model
 
@@ -608,8 +648,12 @@ class RoundLoop:
             grid, messages, RoundContext(server_round, EVALUATE, config, self.cfg.round_timeout_s)
         )
         pairs = []
+        seen: set[int] = set()
         for reply in exchange.replies:
-            result, reason = check_evaluation(reply, self.cfg.max_examples_per_client)
+            if int(reply.metadata.src_node_id) in seen:
+                continue  # one evaluation per client and round
+            seen.add(int(reply.metadata.src_node_id))
+            result, reason = check_evaluation(reply, self.max_examples)
             if result is None:
                 log.warning(
                     "round %d: dropped evaluation of node %d: %s",
@@ -636,13 +680,22 @@ class RoundLoop:
         )
 
 
-def require_some_round_aggregated(history: Sequence[RoundRecord]) -> None:
-    """Raise :class:`RunFailedError` when no round of ``history`` aggregated an update."""
+def require_some_round_aggregated(history: Sequence[RoundRecord], internal_errors: int = 0) -> None:
+    """Raise :class:`RunFailedError` when no round of ``history`` aggregated an update.
+
+    ``internal_errors`` counts replies dropped by a bug in fedge's checks; the message
+    says so, since then the clients are not to blame.
+    """
     if history and not any(r.aggregated for r in history):
         dropped = sum(r.dropped for r in history)
+        bugs = (
+            f", {internal_errors} of them by a bug in fedge (tracebacks in the log)"
+            if internal_errors
+            else ""
+        )
         raise RunFailedError(
             f"no round aggregated an update: all {len(history)} rounds failed ({dropped} client updates "
-            "dropped or missing; the reasons are in the log above)"
+            f"dropped or missing{bugs}; the reasons are in the log above)"
         )
 
 

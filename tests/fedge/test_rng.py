@@ -34,9 +34,13 @@ def test_a_stream_is_reproducible_and_fits_its_api() -> None:
     np.testing.assert_array_equal(a, b)
     assert 0 <= stream_seed(7, Stream.LOCAL_SHUFFLE, 3, bits=32) < 2**32
     assert 0 <= stream_seed(7, Stream.ROTATION, 3, bits=63) < 2**63
-    # The value is SeedSequence([seed, stream, *keys]) by definition (independent derivation).
-    state = np.random.SeedSequence([7, int(Stream.ROTATION), 3]).generate_state(1, np.uint64)
+    # By definition: SeedSequence of [stream, key count, seed hi, seed lo, key hi, key lo].
+    state = np.random.SeedSequence([int(Stream.ROTATION), 1, 0, 7, 0, 3]).generate_state(1, np.uint64)
     assert stream_seed(7, Stream.ROTATION, 3, bits=63) == int(state[0]) >> 1
+    # The encoding is injective where SeedSequence's is not: trailing zeros, 64-bit keys.
+    assert stream_seed(7, Stream.CODEC_ROUNDING, 3) != stream_seed(7, Stream.CODEC_ROUNDING, 3, 0)
+    assert stream_seed(7, Stream.CODEC_ROUNDING, 2**32 + 7) != stream_seed(7, Stream.CODEC_ROUNDING, 7, 1)
+    assert stream_seed(7, Stream.CODEC_ROUNDING, 2**64 - 1) != stream_seed(7, Stream.CODEC_ROUNDING, 2**63)
     with pytest.raises(ValueError):
         stream_seed(7, Stream.ROTATION, -1)
 

@@ -163,7 +163,10 @@ def test_a_claimed_weight_above_the_cap_is_dropped(tmp_path: Path, caplog: pytes
     loop = _run(tmp_path, FedAvg(), "seamapps:heavy_app", **cfg_overrides)
     record = loop.history[0]
     assert (record.clients, record.dropped, record.aggregated) == (2, 2, True)
-    assert "exceeds max-examples-per-client (1000000)" in caplog.text
+    # The default cap is the largest training partition of the server's split (digits over 4).
+    cap = max(RunConfig.from_mapping({**BASE, **cfg_overrides}).federated_data().partition_sizes())
+    assert 100 < cap < 1000
+    assert caplog.text.count(f"exceeds max-examples-per-client ({cap})") == 2
     for key in SHAPES:
         assert np.isfinite(loop.arrays[key].numpy()).all() and np.abs(loop.arrays[key].numpy()).max() < 10
 
@@ -181,6 +184,10 @@ def test_a_non_finite_aggregate_keeps_the_previous_model(
     assert not loop.history[0].aggregated
     assert "NaN or Inf" in caplog.text and "keeping the previous global model" in caplog.text
     np.testing.assert_array_equal(loop.arrays["fc.bias"].numpy(), np.full(10, -3.0e38, np.float32))
+    # The refused result left no trace in the strategy: FedAvgM's own copy of the model is
+    # the old one, not the Inf it computed (which would poison every later round).
+    current = loop.strategy.current_arrays  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(current["fc.bias"].numpy(), np.full(10, -3.0e38, np.float32))
     with pytest.raises(RunFailedError, match="no round aggregated"):
         require_some_round_aggregated(loop.history)
 
@@ -244,6 +251,7 @@ CHANGED = {
     "compression": "qsgd:4",
     "error-feedback": True,
     "downlink": "fp16",
+    "registry-dir": "/elsewhere",
 }
 
 
@@ -260,7 +268,7 @@ def test_resume_refuses_every_key_that_would_change_the_run(tmp_path: Path) -> N
         if key == "error-feedback":
             values["compression"] = "qsgd:2"
         cfg = RunConfig.from_mapping(values)
-        loop = RoundLoop(cfg, FedAvg(), _initial(), _eval, tmp_path)
+        loop = RoundLoop(cfg, FedAvg(), _initial(), _eval, tmp_path, max_examples=1000)
         with pytest.raises(CheckpointError, match=f"different {key} "):
             loop.resume()
     # num-rounds may grow.

@@ -38,8 +38,10 @@ heavy_app = ClientApp()
 @heavy_app.train()
 def heavy_train(msg: Message, context: Context) -> Message:
     reply = random_train(msg, context)
-    if int(context.node_config["partition-id"]) in (0, 1):
-        reply.content["metrics"] = MetricRecord({"num-examples": 1e308})
+    pid = int(context.node_config["partition-id"])
+    if pid in (0, 1):
+        # 1e308 overflowed the weight sum; a million outweighed everyone else.
+        reply.content["metrics"] = MetricRecord({"num-examples": 1e308 if pid == 0 else 1_000_000})
     return reply
 
 
