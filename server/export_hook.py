@@ -9,7 +9,9 @@ quantizer cannot handle, a gate miss) is recorded and nothing is published; the
 training run goes on either way.
 
 Every manifest names the run (:func:`run_id`, kept in the run folder), the model and
-a release number one above the registry's newest. The federated int8 check
+a release number taken from the signing key's counter (``<signing-key>.releases``,
+:class:`~fedge.deploy.registry.ReleaseCounter`): one above the newest handed out with
+that key by any run, and above the registry's newest. The federated int8 check
 (``export-federated-eval``) sends clients a signed candidate manifest
 (``"candidate": true``) with the two models; a client verifies it with its pinned key
 (``node_config["public-key"]``, the path :func:`public_key_path` returns) before it
@@ -67,7 +69,7 @@ from fedge.deploy.export import (
     onnx_accuracy,
     quantize_int8,
 )
-from fedge.deploy.registry import Registry
+from fedge.deploy.registry import Registry, ReleaseCounter
 from fedge.records import (
     ACCURACY_FP32,
     ACCURACY_INT8,
@@ -360,7 +362,8 @@ class ExportHook:
     Raises
     ------
     ArtifactError
-        If ``signing-key`` is set but missing or unreadable (before round 1).
+        If ``signing-key`` is set but missing or unreadable, or its release counter
+        (``<signing-key>.releases``) cannot be locked, read or written (before round 1).
     """
 
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
@@ -379,6 +382,9 @@ class ExportHook:
             )
         self.run_id = run_id(self.run_dir)
         self.registry = Registry(Path(cfg.registry_dir) if cfg.registry_dir else self.run_dir / "artifacts")
+        # Releases grow per signing key, across every run and registry that shares it.
+        self.releases = ReleaseCounter(self.key_path)
+        self.releases.check()
         self._data: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
 
     # --- RoundHook ----------------------------------------------------------------
@@ -506,7 +512,8 @@ class ExportHook:
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             run_id=self.run_id,
             model=self._model_name(),
-            release=self.registry.next_release(),
+            # Informative only (a candidate is never installed): peeked, not taken.
+            release=self.releases.peek(self.registry.next_release() - 1),
             candidate=True,
         )
         manifest_bytes = canonical_json(manifest)
@@ -626,17 +633,22 @@ class ExportHook:
             for key in ("federated_accuracy_fp32", "federated_accuracy_int8"):
                 if key in metrics:
                     entry[key] = metrics[key]
-            # With the federated check the gate judges the model on the data it will meet
-            # on devices, robustly to a lying client; otherwise on the server's split.
-            reasons = (
-                federated_gate_reasons(cfg, check, metrics["latency_ms_p50_int8"])
-                if check is not None
-                else gate_reasons(
-                    cfg, metrics["accuracy_fp32"], metrics["accuracy_int8"], metrics["latency_ms_p50_int8"]
-                )
+            # The server's own split always judges; with the federated check the clients'
+            # data (robust to a lying client) must agree too, so liars can refuse a model
+            # but never pass one the server measured as failing.
+            reasons = gate_reasons(
+                cfg, metrics["accuracy_fp32"], metrics["accuracy_int8"], metrics["latency_ms_p50_int8"]
             )
+            if check is not None:
+                federated = federated_gate_reasons(cfg, check, metrics["latency_ms_p50_int8"])
+                reasons += [r for r in federated if r not in reasons]
             if reasons:
                 entry.update(reason="; ".join(reasons), export_s=time.perf_counter() - start)
+                return entry
+            try:
+                release = self.releases.take(self.registry.next_release() - 1)
+            except ArtifactError as err:
+                entry.update(reason=str(err), export_s=time.perf_counter() - start)
                 return entry
             manifest = build_manifest(
                 server_round=event.server_round,
@@ -647,7 +659,7 @@ class ExportHook:
                 created_at=datetime.now(UTC).isoformat(timespec="seconds"),
                 run_id=self.run_id,
                 model=self._model_name(),
-                release=self.registry.next_release(),
+                release=release,
             )
             # Staged inside the registry's folder so that publishing is one rename.
             self.registry.root.mkdir(parents=True, exist_ok=True)
