@@ -12,9 +12,10 @@ Format 2 (this fedge) adds to format 1:
 * ``run_id``: 32 lowercase hex digits naming the fedge run (one per run folder, kept on
   resume), so two runs that share a signing key never pass for one another;
 * ``model``: the zoo model's name (``cnn8``, ``mlp``, ...);
-* ``release``: an integer >= 1 that only grows across a registry (the next is the
-  largest published + 1); a device refuses a release older than or equal to the one
-  it runs unless a rollback is asked explicitly;
+* ``release``: an integer >= 1 that only grows per signing key, across every run and
+  registry that signs with it (``fedge.deploy.registry.ReleaseCounter``, a counter
+  beside the key); a device refuses a release older than or equal to the one it runs,
+  from this run or another, unless a rollback is asked explicitly;
 * ``candidate``: true for the model the server sends clients for the federated int8
   check, signed like a release so a client verifies it before it loads a byte, but
   never installable or publishable as one.
@@ -208,7 +209,7 @@ def build_manifest(
     model : str
         The model's name in the zoo, e.g. ``"cnn8"``.
     release : int
-        The monotonic release number, >= 1 (``Registry.next_release``).
+        The monotonic release number, >= 1 (``ReleaseCounter.take`` of the signing key).
     candidate : bool, default False
         True for a federated-check candidate: signed, but never installed or published.
 

@@ -6,9 +6,15 @@ Layout under the registry root::
     current                                   "round-0003\\n": the version devices install
 
 Versions are immutable: published once by an atomic rename, never rewritten. Each
-carries a release number that only grows (:meth:`Registry.next_release`); publish
-refuses a release that is not above every published one, and a federated-check
-candidate (``"candidate": true``) altogether. The pointer is replaced atomically
+carries a release number that only grows; publish refuses a release that is not above
+every published one, and a federated-check candidate (``"candidate": true``)
+altogether. Two runs sharing one registry folder cannot both publish a round: the
+second ``round-0003`` is refused with one line naming the run that published it.
+
+Release numbers are handed out per signing key, not per registry
+(:class:`ReleaseCounter`, a small file beside the key): every run that signs with one
+key draws from one counter, so devices that pin the key can order any two of its
+releases, whichever run and registry they came from. The pointer is replaced atomically
 (temporary file, fsync, ``os.replace``, fsync of the folder), so at every moment it
 names the old version or the new one, never nothing.
 """
@@ -16,6 +22,7 @@ names the old version or the new one, never nothing.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import secrets
@@ -27,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fedge.deploy.artifacts import (
     KEY_CANDIDATE,
     KEY_RELEASE,
+    KEY_RUN_ID,
     KEY_VERSION,
     MANIFEST_FILE,
     MAX_MANIFEST_BYTES,
@@ -41,6 +49,10 @@ from fedge.files import fsync_dir, write_bytes_atomic
 CURRENT_FILE = "current"
 # "round-0003\n" and nothing else: a pointer larger than this is not one.
 _MAX_POINTER_BYTES = 256
+# Beside the signing key: keys/signing.key -> keys/signing.key.releases (+ .lock).
+RELEASES_SUFFIX = ".releases"
+LOCK_SUFFIX = ".lock"
+_MAX_COUNTER_BYTES = 64
 
 
 class RegistryError(ArtifactError):
@@ -131,7 +143,11 @@ class Registry:
         return release if isinstance(release, int) and not isinstance(release, bool) else 0
 
     def next_release(self) -> int:
-        """The release number of the next version: the largest published one + 1 (1 when empty)."""
+        """The largest release published here + 1 (1 when empty).
+
+        This registry's view only; the export hook takes the number it signs from the
+        signing key's :class:`ReleaseCounter`, with this as the floor.
+        """
         return max((self.release_of(v) for v in self.versions()), default=0) + 1
 
     # ------------------------------------------------------------------------ writing
@@ -159,8 +175,8 @@ class Registry:
         target = self.root / version
         if target.exists():
             raise RegistryError(
-                f"{version} is already published in {self.root}; versions are immutable, "
-                "export a later round instead"
+                f"{version} is already published in {self.root}{self._published_by(target, staged_dir)}; "
+                "versions are immutable: export a later round, or give each run its own registry-dir"
             )
         newest = self.next_release() - 1
         if release <= newest:
@@ -228,6 +244,18 @@ class Registry:
                 f"{version!r} is not published in {self.root}; published versions: {known or 'none'}"
             )
 
+    @staticmethod
+    def _published_by(target: Path, staged_dir: Path) -> str:
+        """`` by another run (run id 0123...)`` when ``target`` is another run's, else ``""``."""
+        try:
+            theirs = json.loads(read_regular(target / MANIFEST_FILE, MAX_MANIFEST_BYTES)).get(KEY_RUN_ID)
+            ours = json.loads(read_regular(staged_dir / MANIFEST_FILE, MAX_MANIFEST_BYTES)).get(KEY_RUN_ID)
+        except (OSError, ValueError, AttributeError, ArtifactError):
+            return ""
+        if isinstance(theirs, str) and theirs != ours:
+            return f" by another run (run id {theirs[:12]}...)"
+        return ""
+
     def _staged_version(self, staged_dir: Path) -> tuple[str, int]:
         """The staged folder's (version, release); a candidate is refused."""
         if self._public_key is not None:
@@ -275,3 +303,130 @@ class Registry:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def release_counter_path(signing_key: Path) -> Path:
+    """Where the release counter of ``signing_key`` lives: ``<signing_key>.releases``."""
+    signing_key = Path(signing_key)
+    return signing_key.with_name(signing_key.name + RELEASES_SUFFIX)
+
+
+class ReleaseCounter:
+    """The release numbers handed out with one signing key, kept in a small file beside it.
+
+    ``<key>.releases`` holds the last release handed out (``"7\\n"``, mode 0600);
+    ``<key>.releases.lock`` (empty, mode 0600) is what :meth:`take` locks with an
+    exclusive ``fcntl.flock``, so two runs, or two threads, sharing the key never hand
+    out the same number. The counter is replaced atomically (temporary file, fsync,
+    rename, fsync of the folder) while the lock is held, so a crash leaves the old
+    number or the new one. A number taken but never published leaves a gap: releases
+    only grow, they need not be consecutive.
+
+    Parameters
+    ----------
+    signing_key : Path
+        The private key the releases are signed with; its folder must be writable.
+    """
+
+    def __init__(self, signing_key: Path) -> None:
+        self.path = release_counter_path(signing_key)
+        self._lock_path = self.path.with_name(self.path.name + LOCK_SUFFIX)
+
+    def last(self) -> int:
+        """The last release handed out with this key (0 before the first).
+
+        Raises
+        ------
+        RegistryError
+            If the counter file is not a regular file holding a whole number; it is never
+            reset silently, since a device would then accept a replay.
+        """
+        try:
+            text = read_regular(self.path, _MAX_COUNTER_BYTES).decode("ascii", "replace").strip()
+        except FileNotFoundError:
+            return 0
+        except ArtifactError as err:
+            raise RegistryError(f"release counter {err}") from None
+        if not text.isdigit() or not text.isascii():
+            raise RegistryError(
+                f"release counter {self.path} holds {text[:20]!r}, not a whole number; write into it the "
+                "largest release ever published with this key (`fedge deploy list` shows each registry's)"
+            )
+        return int(text)
+
+    def peek(self, floor: int = 0) -> int:
+        """The release :meth:`take` would hand out now, without taking it."""
+        return max(self.last(), floor) + 1
+
+    def take(self, floor: int = 0) -> int:
+        """Hand out the next release: ``max(last, floor) + 1``, recorded before it is returned.
+
+        Parameters
+        ----------
+        floor : int
+            The largest release known elsewhere (the registry's newest), so a counter
+            that is missing or behind never hands out a number already published.
+
+        Raises
+        ------
+        RegistryError
+            If the counter or its lock cannot be opened or written (the path is named),
+            or the counter is damaged.
+        """
+        with self._locked():
+            release = self.peek(floor)
+            try:
+                write_bytes_atomic(self.path, f"{release}\n".encode(), 0o600)
+            except OSError as err:
+                raise RegistryError(
+                    f"cannot write release counter {self.path} ({err.strerror}); "
+                    "the folder of the signing key must be writable by the run"
+                ) from None
+        return release
+
+    def check(self) -> None:
+        """Fail now, not at the first export, if the counter cannot be locked or read.
+
+        Raises
+        ------
+        RegistryError
+            As :meth:`take`.
+        """
+        with self._locked():
+            self.last()
+            if not os.access(self.path.parent, os.W_OK):
+                raise RegistryError(
+                    f"cannot write release counter {self.path} (folder not writable); "
+                    "the folder of the signing key must be writable by the run"
+                )
+
+    def _locked(self) -> _Flock:
+        return _Flock(self._lock_path)
+
+
+class _Flock:
+    """An exclusive ``flock`` on ``path`` (created 0600, never through a link) for a ``with`` block."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._fd = -1
+
+    def __enter__(self) -> None:
+        try:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise RegistryError(
+                f"cannot open release counter lock {self._path} ({err.strerror}); "
+                "the folder of the signing key must be writable by the run"
+            ) from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self._fd)

@@ -2,9 +2,16 @@
 
 Layout under the install folder::
 
-    versions/round-0002/   versions/round-0003/    verified copies (model.onnx, manifest.json, .sig)
-    current                "round-0003\\n"           the version that runs
-    previous               "round-0002\\n"           the version rollback returns to
+    versions/round-0002-0123456789ab/    verified copies (model.onnx, manifest.json, .sig),
+    versions/round-0003-fedcba987654/    named <version>-<first 12 hex digits of the run id>
+    current     "round-0003-fedcba987654\\n"    the install that runs
+    previous    "round-0002-0123456789ab\\n"    the install rollback returns to
+
+Two runs that sign with one key both make a ``round-0003``; the run id in the folder
+name keeps them apart, so a device that runs one run's ``round-0003`` can update to
+another's. Which of two installs is newer is decided by the manifest's release number
+alone, which grows per signing key across runs. (Pointers written by an older fedge,
+``round-0003`` without a run id, are still read.)
 
 An install verifies the source with the pinned public key before anything is copied,
 copies only the files the manifest lists into a hidden staging folder, verifies the
@@ -21,6 +28,7 @@ so a model altered on disk after install is refused.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import time
@@ -47,7 +55,6 @@ from fedge.deploy.artifacts import (
     read_signed_manifest,
     read_verified_file,
     verify_artifact,
-    version_round,
 )
 from fedge.deploy.registry import CURRENT_FILE, Registry, RegistryError
 from fedge.files import fsync_dir, write_bytes_atomic
@@ -56,6 +63,11 @@ VERSIONS_DIR = "versions"
 PREVIOUS_FILE = "previous"
 STAGING_PREFIX = ".staging-"
 _MAX_POINTER_BYTES = 256
+# Hex digits of the run id in an install's folder name: 48 bits tell runs apart; were two
+# runs ever to share them, the second's same-round version is refused, never mixed up.
+RUN_ID_DIGITS = 12
+# round-0003-0123456789ab, or round-0003 as an older fedge named installs.
+_INSTALL_RE = re.compile(rf"(round-\d{{4,}})(?:-[0-9a-f]{{{RUN_ID_DIGITS}}})?")
 
 # benchmark() keys.
 LATENCY_MS_P50 = "latency_ms_p50"
@@ -106,22 +118,31 @@ class DeviceRuntime:
             text = read_regular(self.install_dir / name, _MAX_POINTER_BYTES).decode("utf-8", "replace")
         except FileNotFoundError:
             return None
-        version = text.strip()
-        try:
-            version_round(version)
-        except ArtifactError:
+        install = text.strip()
+        if _INSTALL_RE.fullmatch(install) is None:
             raise ArtifactError(
-                f"{self.install_dir / name} holds {version!r}, not a version; install an artifact again"
-            ) from None
-        return version
+                f"{self.install_dir / name} holds {install!r}, not an installed version; "
+                "install an artifact again"
+            )
+        return install
+
+    def current_install(self) -> str | None:
+        """The folder under ``versions/`` that runs (``round-0003-0123456789ab``), or None."""
+        return self._read_pointer(CURRENT_FILE)
+
+    def previous_install(self) -> str | None:
+        """The folder under ``versions/`` :meth:`rollback` returns to, or None."""
+        return self._read_pointer(PREVIOUS_FILE)
 
     def current_version(self) -> str | None:
-        """The installed version that runs, or None before the first install."""
-        return self._read_pointer(CURRENT_FILE)
+        """The version that runs (``round-0003``, as in its manifest), or None before the first install."""
+        install = self.current_install()
+        return None if install is None else _version_of(install)
 
     def previous_version(self) -> str | None:
         """The version :meth:`rollback` returns to, or None."""
-        return self._read_pointer(PREVIOUS_FILE)
+        install = self.previous_install()
+        return None if install is None else _version_of(install)
 
     # ------------------------------------------------------------------------ install
 
@@ -151,6 +172,12 @@ class DeviceRuntime:
             version with other contents, is not newer than the current release (without
             ``allow_rollback``), or its model does not load in ONNX Runtime. The
             installed version is then unchanged.
+
+        Notes
+        -----
+        The copy goes to ``versions/<version>-<run id, 12 hex digits>``, so the same
+        round of two runs sharing a key are two installs; a release is newer or not by
+        its number only.
         """
         source = self._resolve_source(Path(source))
         # Nothing is copied or loaded before the source verifies.
@@ -164,10 +191,13 @@ class DeviceRuntime:
         if MODEL_FILE not in manifest[KEY_FILES]:
             raise ArtifactError(f"{where} lists no {MODEL_FILE}; nothing to run")
         version = str(manifest[KEY_VERSION])
-        target = self._versions_dir / version
-        old_current = self.current_version()
-        if old_current is not None:
-            self._check_not_older(manifest, manifest_bytes, old_current, where, allow_rollback)
+        install = install_name(manifest)
+        old_current = self.current_install()
+        if old_current is not None and self._check_not_older(
+            manifest, manifest_bytes, old_current, where, allow_rollback
+        ):
+            install = old_current  # the very artifact that runs (maybe under an older fedge's name)
+        target = self._versions_dir / install
         old_previous = _read_or_none(self.install_dir / PREVIOUS_FILE)
 
         created = False
@@ -198,11 +228,11 @@ class DeviceRuntime:
                 shutil.rmtree(staging, ignore_errors=True)
 
         try:
-            if old_current != version:
+            if old_current != install:
                 # previous before current: a crash in between leaves current as it was.
                 if old_current is not None:
                     write_bytes_atomic(self.install_dir / PREVIOUS_FILE, f"{old_current}\n".encode())
-                write_bytes_atomic(self.install_dir / CURRENT_FILE, f"{version}\n".encode())
+                write_bytes_atomic(self.install_dir / CURRENT_FILE, f"{install}\n".encode())
         except BaseException:
             # current did not move (its write is the last step): put the rest back as it was.
             if old_previous is None:
@@ -240,27 +270,33 @@ class DeviceRuntime:
         current: str,
         where: str,
         allow_rollback: bool,
-    ) -> None:
-        """Refuse a release not newer than the current one, unless a rollback is asked."""
+    ) -> bool:
+        """Refuse a release not newer than the current one, unless a rollback is asked.
+
+        Returns True when the source is the very artifact installed as ``current``.
+        """
         try:
             installed, installed_bytes = read_signed_manifest(self._versions_dir / current, self._public_key)
         except ArtifactError as err:
             if allow_rollback:
-                return
+                return False
             raise ArtifactError(
                 f"the installed {current} does not verify ({err}); its release is unknown, so install "
                 "with allow_rollback (fedge infer --allow-rollback) to replace it"
             ) from None
-        if installed_bytes == manifest_bytes or allow_rollback:
-            return  # the same artifact again, or an explicit rollback
+        if installed_bytes == manifest_bytes:
+            return True  # the same artifact again
+        if allow_rollback:
+            return False  # an explicit rollback
         new, old = manifest[KEY_RELEASE], installed[KEY_RELEASE]
         if new <= old:
             same_run = "this run" if manifest[KEY_RUN_ID] == installed[KEY_RUN_ID] else "another run"
             raise ArtifactError(
                 f"{where} is release {new} ({manifest[KEY_VERSION]}, {same_run}), not newer than the "
-                f"installed release {old} ({current}); a device never goes back unless asked: "
+                f"installed release {old} ({installed[KEY_VERSION]}); a device never goes back unless asked: "
                 "pass allow_rollback (fedge infer --allow-rollback) to install it anyway"
             )
+        return False
 
     def _check_same_install(self, target: Path, manifest_bytes: bytes, source: Path) -> None:
         """An already installed version is reused only if it is intact and identical."""
@@ -274,13 +310,13 @@ class DeviceRuntime:
             ) from None
         if installed_bytes != manifest_bytes:
             raise ArtifactError(
-                f"{target.name} is installed with another manifest than {source}; versions are "
-                "immutable: publish a new round"
+                f"{self._versions_dir.name}/{target.name} is installed with another manifest than {source}; "
+                "versions are immutable: publish a new round"
             )
 
     def _prune(self) -> None:
         """Remove versions neither current nor previous, and staging left by a crash."""
-        keep = {self.current_version(), self.previous_version()}
+        keep = {self.current_install(), self.previous_install()}
         if self._versions_dir.is_dir():
             for child in self._versions_dir.iterdir():
                 if child.name not in keep:
@@ -303,8 +339,8 @@ class DeviceRuntime:
         ArtifactError
             If there is no previous version, or its installed copy no longer verifies.
         """
-        previous = self.previous_version()
-        current = self.current_version()
+        previous = self.previous_install()
+        current = self.current_install()
         if previous is None or previous == current:
             raise ArtifactError(
                 f"no previous version in {self.install_dir} to roll back to; install a known good artifact"
@@ -316,15 +352,16 @@ class DeviceRuntime:
         fsync_dir(self.install_dir)
         self._cached = None
         self._prune()
-        return previous
+        return _version_of(previous)
 
     # ------------------------------------------------------------------------ running
 
     def _current_dir(self) -> tuple[str, Path]:
-        version = self.current_version()
-        if version is None:
+        """(version, folder) of the current install."""
+        install = self.current_install()
+        if install is None:
             raise ArtifactError(f"nothing is installed in {self.install_dir}; install an artifact first")
-        return version, self._versions_dir / version
+        return _version_of(install), self._versions_dir / install
 
     def model_bytes(self) -> bytes:
         """The current ``model.onnx``, after verifying the signature and the hash of these bytes.
@@ -363,9 +400,9 @@ class DeviceRuntime:
 
         The session is verified and loaded once per version and then reused.
         """
-        version, _ = self._current_dir()
-        if self._cached is None or self._cached[0] != version:
-            self._cached = (version, self.session())
+        _, folder = self._current_dir()
+        if self._cached is None or self._cached[0] != folder.name:
+            self._cached = (folder.name, self.session())
         sess = self._cached[1]
         inp = sess.get_inputs()[0]
         dtype = _ORT_FLOAT_TYPES.get(inp.type)
@@ -426,6 +463,23 @@ class DeviceRuntime:
             RUNS: runs,
             VERSION: version,
         }
+
+
+def install_name(manifest: dict[str, Any]) -> str:
+    """The folder a verified release is installed as: ``round-0003-0123456789ab``.
+
+    The version and the first :data:`RUN_ID_DIGITS` hex digits of the run id, so the same
+    round of two runs never shares a folder.
+    """
+    return f"{manifest[KEY_VERSION]}-{str(manifest[KEY_RUN_ID])[:RUN_ID_DIGITS]}"
+
+
+def _version_of(install: str) -> str:
+    """``round-0003`` of the install folder name ``round-0003-0123456789ab`` (or ``round-0003``)."""
+    match = _INSTALL_RE.fullmatch(install)
+    if match is None:
+        raise ArtifactError(f"{install!r} is not an installed version")
+    return match.group(1)
 
 
 def _load(model: bytes, options: ort.SessionOptions, where: str) -> ort.InferenceSession:

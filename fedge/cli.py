@@ -233,7 +233,10 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="fedge-device-") as tmp:
         runtime = DeviceRuntime(Path(args.install_dir or tmp), load_public_key(Path(args.public_key)))
         version = runtime.install(Path(args.model), allow_rollback=args.allow_rollback)
-        print(f"fedge: installed {version} (signature and hashes verified)", file=sys.stderr)
+        print(
+            f"fedge: installed {version} as {runtime.current_install()} (signature and hashes verified)",
+            file=sys.stderr,
+        )
         if args.input:
             try:
                 x = np.load(args.input, allow_pickle=False)

@@ -153,7 +153,7 @@ def test_infer_refuses_a_downgrade_unless_asked(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "release 1" in err and "--allow-rollback" in err
     assert main(["infer", "--model", str(root / "round-0001"), *device, "--allow-rollback"]) == 0
-    assert (tmp_path / "device" / "current").read_text() == "round-0001\n"
+    assert (tmp_path / "device" / "current").read_text().startswith("round-0001-")
 
 
 @pytest.mark.timeout(20)

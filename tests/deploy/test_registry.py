@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import stat
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedge.deploy.artifacts import build_manifest, write_artifact
-from fedge.deploy.registry import Registry, RegistryError
+from fedge.deploy.registry import Registry, RegistryError, ReleaseCounter, release_counter_path
 
 
 @pytest.fixture
@@ -203,3 +207,128 @@ def test_a_fifo_pointer_is_refused_without_hanging(tmp_path: Path, key: Ed25519P
     os.mkfifo(registry.root / "current")
     with pytest.raises(RegistryError, match=r"registry/current is not a regular file \(a FIFO\)"):
         registry.current()
+
+
+# ---------------------------------------------------------------------------- releases per signing key
+
+
+def test_release_counter_grows_per_key_above_the_floor(tmp_path: Path) -> None:
+    key_path = tmp_path / "keys" / "signing.key"
+    key_path.parent.mkdir()
+    counter = ReleaseCounter(key_path)
+    assert counter.path == release_counter_path(key_path) == tmp_path / "keys" / "signing.key.releases"
+    assert (counter.last(), counter.peek()) == (0, 1)
+    assert [counter.take(), counter.take(), counter.take()] == [1, 2, 3]  # a run-local key: as before
+    assert counter.peek() == 4 and counter.last() == 3  # peek takes nothing
+    assert counter.take(floor=9) == 10  # a registry ahead of the counter wins
+    assert counter.take(floor=2) == 11  # and a counter ahead of the registry
+    assert counter.path.read_bytes() == b"11\n"
+    for path in (counter.path, counter.path.with_name("signing.key.releases.lock")):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # A second counter on the same key (another run) continues the same sequence.
+    assert ReleaseCounter(key_path).take() == 12
+
+
+def test_a_damaged_release_counter_is_refused_not_reset(tmp_path: Path) -> None:
+    key_path = tmp_path / "signing.key"
+    counter = ReleaseCounter(key_path)
+    counter.path.write_text("seven\n")
+    with pytest.raises(RegistryError, match=r"signing\.key\.releases holds 'seven', not a whole number"):
+        counter.take()
+    with pytest.raises(RegistryError, match=r"not a whole number"):
+        counter.check()
+    assert counter.path.read_text() == "seven\n"
+
+
+def test_release_counter_in_an_unwritable_folder_is_named(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere")
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    keys.chmod(0o500)
+    try:
+        with pytest.raises(RegistryError, match=r"keys/signing\.key\.releases.*must be writable"):
+            ReleaseCounter(keys / "signing.key").check()
+    finally:
+        keys.chmod(0o700)
+
+
+def test_concurrent_threads_never_take_the_same_release(tmp_path: Path) -> None:
+    key_path = tmp_path / "signing.key"
+    taken: list[int] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        counter = ReleaseCounter(key_path)  # each thread its own, as two runs would
+        for _ in range(25):
+            release = counter.take()
+            with lock:
+                taken.append(release)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(taken) == list(range(1, 201))
+    assert ReleaseCounter(key_path).last() == 200
+
+
+_TAKE_IN_A_PROCESS = """
+import sys
+from pathlib import Path
+from fedge.deploy.registry import ReleaseCounter
+counter = ReleaseCounter(Path(sys.argv[1]))
+print(" ".join(str(counter.take(floor=int(sys.argv[2]))) for _ in range(40)))
+"""
+
+
+def test_concurrent_processes_never_take_the_same_release(tmp_path: Path) -> None:
+    key_path = tmp_path / "signing.key"
+    # Two runs with their own registries (floors 0 and 3) sharing one signing key.
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _TAKE_IN_A_PROCESS, str(key_path), floor],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for floor in ("0", "3", "0", "3")
+    ]
+    taken = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0
+        releases = [int(word) for word in out.split()]
+        assert releases == sorted(releases) and len(set(releases)) == 40  # each process: growing
+        taken.extend(releases)
+    assert len(set(taken)) == len(taken) == 160
+    assert ReleaseCounter(key_path).last() == max(taken)
+
+
+def test_another_runs_version_under_the_same_name_is_refused_in_one_line(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    registry = Registry(tmp_path / "registry")
+    registry.publish(stage(tmp_path, key, 3, release=1))
+    files = {"model.onnx": b"run B's model"}
+    manifest = build_manifest(
+        server_round=3,
+        files=dict(files),
+        metrics={},
+        quantization={},
+        parent=None,
+        created_at="2026-01-01T00:00:00Z",
+        run_id="b" * 32,
+        model="cnn8",
+        release=2,
+    )
+    staged = write_artifact(tmp_path / "staging" / "b-3", files, manifest, key)
+    with pytest.raises(RegistryError) as err:
+        registry.publish(staged)
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"round-0003 is already published in {registry.root} by another run (run id {RUN_ID[:12]}..." in (
+        message
+    )
+    assert "give each run its own registry-dir" in message
+    assert registry.versions() == ["round-0003"] and registry.release_of("round-0003") == 1

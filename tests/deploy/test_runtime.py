@@ -15,11 +15,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 import fedge.deploy.runtime as runtime_module
 from fedge.deploy.artifacts import ArtifactError, build_manifest, canonical_json, sign, write_artifact
-from fedge.deploy.registry import Registry
+from fedge.deploy.registry import Registry, ReleaseCounter
 from fedge.deploy.runtime import DeviceRuntime
 
 IN_FEATURES, NUM_CLASSES = 4, 3
 RUN_ID = "0123456789abcdef0123456789abcdef"
+# Installs are named <version>-<first 12 hex digits of the run id>.
+RUN = RUN_ID[:12]
 
 
 def int8_linear_model(w_q: np.ndarray, scale: float, bias: np.ndarray) -> bytes:
@@ -135,8 +137,8 @@ def test_install_two_versions_and_predict(
     np.testing.assert_array_equal(predicted, v2.reference_predict(samples))
     assert not np.array_equal(v1.reference_predict(samples), v2.reference_predict(samples))
     assert device.model_bytes() == v2.model
-    assert (device.install_dir / "current").read_bytes() == b"round-0002\n"
-    assert (device.install_dir / "previous").read_bytes() == b"round-0001\n"
+    assert (device.install_dir / "current").read_bytes() == f"round-0002-{RUN}\n".encode()
+    assert (device.install_dir / "previous").read_bytes() == f"round-0001-{RUN}\n".encode()
     assert sorted(p.name for p in device.install_dir.iterdir()) == ["current", "previous", "versions"]
 
 
@@ -145,7 +147,8 @@ def test_only_current_and_previous_are_kept(
 ) -> None:
     for server_round in (1, 2, 3):
         device.install(make_version(tmp_path / "pub", key, server_round).folder)
-    assert sorted(p.name for p in (device.install_dir / "versions").iterdir()) == ["round-0002", "round-0003"]
+    installed = sorted(p.name for p in (device.install_dir / "versions").iterdir())
+    assert installed == [f"round-0002-{RUN}", f"round-0003-{RUN}"]
 
 
 def test_unlisted_source_file_is_not_copied(
@@ -154,7 +157,7 @@ def test_unlisted_source_file_is_not_copied(
     v1 = make_version(tmp_path / "pub", key, 1)
     (v1.folder / "payload.py").write_bytes(b"import os")
     device.install(v1.folder)
-    assert sorted(p.name for p in (device.install_dir / "versions" / "round-0001").iterdir()) == [
+    assert sorted(p.name for p in (device.install_dir / "versions" / f"round-0001-{RUN}").iterdir()) == [
         "manifest.json",
         "manifest.sig",
         "model.onnx",
@@ -395,10 +398,10 @@ def test_rollback_restores_previous_bytes(
     assert device.model_bytes() == v2.model != served_v1
     assert device.rollback() == "round-0001"
     assert device.model_bytes() == served_v1 == v1.model
-    assert (device.install_dir / "current").read_bytes() == b"round-0001\n"
+    assert (device.install_dir / "current").read_bytes() == f"round-0001-{RUN}\n".encode()
     np.testing.assert_array_equal(device.predict(samples), v1.reference_predict(samples))
     # One step only: the version rolled back from is gone, and there is no second step.
-    assert sorted(p.name for p in (device.install_dir / "versions").iterdir()) == ["round-0001"]
+    assert sorted(p.name for p in (device.install_dir / "versions").iterdir()) == [f"round-0001-{RUN}"]
     with pytest.raises(ArtifactError, match=r"no previous version"):
         device.rollback()
 
@@ -408,8 +411,8 @@ def test_rollback_to_a_damaged_previous_is_refused(
 ) -> None:
     for server_round in (1, 2):
         device.install(make_version(tmp_path / "pub", key, server_round).folder)
-    flip_model_byte(device.install_dir / "versions" / "round-0001", key)
-    with pytest.raises(ArtifactError, match=r"round-0001/model.onnx differs"):
+    flip_model_byte(device.install_dir / "versions" / f"round-0001-{RUN}", key)
+    with pytest.raises(ArtifactError, match=rf"round-0001-{RUN}/model.onnx differs"):
         device.rollback()
     assert device.current_version() == "round-0002"
 
@@ -424,8 +427,8 @@ def test_model_altered_on_disk_after_install_is_refused_by_session(
 ) -> None:
     device.install(make_version(tmp_path / "pub", key, 1).folder)
     device.session()
-    tamper(device.install_dir / "versions" / "round-0001", key)
-    with pytest.raises(ArtifactError, match=r"round-0001/model.onnx .*after install"):
+    tamper(device.install_dir / "versions" / f"round-0001-{RUN}", key)
+    with pytest.raises(ArtifactError, match=rf"round-0001-{RUN}/model.onnx .*after install"):
         device.session()
     with pytest.raises(ArtifactError, match=r"after install"):
         device.predict(samples)
@@ -435,7 +438,7 @@ def test_installed_manifest_edited_on_disk_is_refused_by_session(
     tmp_path: Path, key: Ed25519PrivateKey, device: DeviceRuntime
 ) -> None:
     device.install(make_version(tmp_path / "pub", key, 1).folder)
-    edit_manifest_metrics(device.install_dir / "versions" / "round-0001", key)
+    edit_manifest_metrics(device.install_dir / "versions" / f"round-0001-{RUN}", key)
     with pytest.raises(ArtifactError, match=r"does not verify"):
         device.session()
 
@@ -445,7 +448,7 @@ def test_benchmark(tmp_path: Path, key: Ed25519PrivateKey, device: DeviceRuntime
     device.install(v1.folder)
     result = device.benchmark(runs=50, warmup_runs=5)
     assert 0 < result["latency_ms_p50"] <= result["latency_ms_p95"] <= result["latency_ms_p99"]
-    installed = device.install_dir / "versions" / "round-0001" / "model.onnx"
+    installed = device.install_dir / "versions" / f"round-0001-{RUN}" / "model.onnx"
     assert result["model_bytes"] == os.path.getsize(installed) == len(v1.model)
     assert (result["runs"], result["version"]) == (50, "round-0001")
     with pytest.raises(ValueError, match=r"runs must be >= 1"):
@@ -512,3 +515,139 @@ def test_benchmark_of_an_unloadable_installed_model_is_one_line(
     ) as info:
         device.benchmark(runs=1, warmup_runs=0)
     assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- two runs sharing one signing key
+
+RUN_A, RUN_B = "a" * 32, "b" * 32
+
+
+def publish_as_run(
+    tmp_path: Path,
+    key: Ed25519PrivateKey,
+    counter: ReleaseCounter,
+    registry: Registry,
+    run: str,
+    server_round: int,
+) -> Version:
+    """Publish ``server_round`` of ``run`` as the export hook does: release from the key's counter."""
+    release = counter.take(registry.next_release() - 1)
+    version = make_version(
+        tmp_path / "staging" / f"{run[:4]}-{release}", key, server_round, release=release, run_id=run
+    )
+    registry.publish(version.folder)
+    version.folder = registry.path(f"round-{server_round:04d}")
+    return version
+
+
+def test_a_replay_from_another_run_sharing_the_key_is_refused(
+    tmp_path: Path, key: Ed25519PrivateKey, device: DeviceRuntime
+) -> None:
+    # Scenario 1: run A publishes rounds 1..9; run B, same key, its own registry, rounds 1..4.
+    key_path = tmp_path / "keys" / "signing.key"
+    key_path.parent.mkdir()
+    registry_a, registry_b = (
+        Registry(tmp_path / "run-a" / "artifacts"),
+        Registry(tmp_path / "run-b" / "artifacts"),
+    )
+    a = [publish_as_run(tmp_path, key, ReleaseCounter(key_path), registry_a, RUN_A, r) for r in range(1, 10)]
+    b = [publish_as_run(tmp_path, key, ReleaseCounter(key_path), registry_b, RUN_B, r) for r in range(1, 5)]
+    assert [registry_a.release_of(v) for v in registry_a.versions()] == list(range(1, 10))
+    assert [registry_b.release_of(v) for v in registry_b.versions()] == [10, 11, 12, 13]
+    assert device.install(b[3].folder) == "round-0004"
+    before = tree_digest(device.install_dir)
+    # A's round-0009 is validly signed with the pinned key, and older than what runs.
+    with pytest.raises(
+        ArtifactError, match=r"release 9 \(round-0009, another run\), not newer than the installed release 13"
+    ):
+        device.install(a[8].folder)
+    with pytest.raises(ArtifactError, match=r"release 9 \(round-0009, another run\)"):
+        device.install(registry_a.root)
+    assert tree_digest(device.install_dir) == before
+    assert device.current_install() == f"round-0004-{RUN_B[:12]}"
+
+
+def test_interleaved_runs_sharing_the_key_order_their_releases(
+    tmp_path: Path, key: Ed25519PrivateKey, device: DeviceRuntime
+) -> None:
+    key_path = tmp_path / "signing.key"
+    registries = {run: Registry(tmp_path / run[:4]) for run in (RUN_A, RUN_B)}
+    published = {}
+    for server_round in (1, 2, 3):
+        for run in (RUN_A, RUN_B):
+            version = publish_as_run(
+                tmp_path, key, ReleaseCounter(key_path), registries[run], run, server_round
+            )
+            published[run, server_round] = version
+    # Releases 1..6 in the order they were published, whichever registry holds them.
+    assert [registries[RUN_A].release_of(v) for v in registries[RUN_A].versions()] == [1, 3, 5]
+    assert [registries[RUN_B].release_of(v) for v in registries[RUN_B].versions()] == [2, 4, 6]
+    device.install(published[RUN_A, 3].folder)  # release 5
+    with pytest.raises(ArtifactError, match=r"release 4 \(round-0002, another run\)"):
+        device.install(published[RUN_B, 2].folder)
+    with pytest.raises(ArtifactError, match=r"release 3 \(round-0002, this run\)"):
+        device.install(published[RUN_A, 2].folder)
+    assert device.install(published[RUN_B, 3].folder) == "round-0003"  # release 6: forward
+
+
+def test_a_device_updates_to_another_runs_version_of_the_same_round(
+    tmp_path: Path, key: Ed25519PrivateKey, device: DeviceRuntime, samples: np.ndarray
+) -> None:
+    # Scenario 2: the device runs A's round-0003 (release 3); B publishes its round-0003 as release 4.
+    key_path = tmp_path / "signing.key"
+    registry_a, registry_b = Registry(tmp_path / "a"), Registry(tmp_path / "b")
+    a = [publish_as_run(tmp_path, key, ReleaseCounter(key_path), registry_a, RUN_A, r) for r in (1, 2, 3)]
+    release = ReleaseCounter(key_path).take(registry_b.next_release() - 1)
+    assert release == 4
+    # Same round, other weights: B's model differs from A's.
+    b3 = make_version(
+        tmp_path / "b-staging",
+        key,
+        3,
+        release=release,
+        run_id=RUN_B,
+        model_bytes=int8_linear_model(-a[2].w_q, a[2].scale, a[2].bias),
+    )
+    b3.w_q = -a[2].w_q
+    registry_b.publish(b3.folder)
+    b3.folder = registry_b.path("round-0003")
+    assert device.install(a[2].folder) == "round-0003"
+    assert device.install(registry_b.root) == "round-0003"  # updated, not refused as "immutable"
+    assert (device.current_install(), device.previous_install()) == (
+        f"round-0003-{RUN_B[:12]}",
+        f"round-0003-{RUN_A[:12]}",
+    )
+    assert (device.current_version(), device.previous_version()) == ("round-0003", "round-0003")
+    np.testing.assert_array_equal(device.predict(samples), b3.reference_predict(samples))
+    # The very same artifact again changes nothing.
+    before = tree_digest(device.install_dir)
+    assert device.install(b3.folder) == "round-0003"
+    assert tree_digest(device.install_dir) == before
+    # A's round-0003 (release 3) is now a replay, refused; rollback returns to it explicitly.
+    with pytest.raises(
+        ArtifactError, match=r"release 3 \(round-0003, another run\), not newer than .*release 4"
+    ):
+        device.install(a[2].folder)
+    assert tree_digest(device.install_dir) == before
+    assert device.rollback() == "round-0003"
+    assert device.current_install() == f"round-0003-{RUN_A[:12]}"
+    np.testing.assert_array_equal(device.predict(samples), a[2].reference_predict(samples))
+
+
+def test_a_device_installed_by_an_older_fedge_keeps_working(
+    tmp_path: Path, key: Ed25519PrivateKey, device: DeviceRuntime
+) -> None:
+    v1 = make_version(tmp_path / "pub", key, 1)
+    device.install(v1.folder)
+    # The layout an older fedge wrote: versions/round-0001, current "round-0001".
+    (device.install_dir / "versions" / f"round-0001-{RUN}").rename(
+        device.install_dir / "versions" / "round-0001"
+    )
+    (device.install_dir / "current").write_text("round-0001\n")
+    assert device.current_version() == "round-0001"
+    before = tree_digest(device.install_dir)
+    assert device.install(v1.folder) == "round-0001"  # the same artifact: still a no-op
+    assert tree_digest(device.install_dir) == before
+    assert device.install(make_version(tmp_path / "pub", key, 2).folder) == "round-0002"
+    assert (device.current_install(), device.previous_install()) == (f"round-0002-{RUN}", "round-0001")
+    assert device.rollback() == "round-0001"

@@ -15,8 +15,9 @@ from crash import Crash, CrashAfter
 import fedge.server.export_hook as export_hook
 import fedge.simulation.runner as runner
 from fedge.config import RunConfig
-from fedge.deploy.artifacts import ArtifactError, load_public_key, verify_artifact
+from fedge.deploy.artifacts import ArtifactError, generate_keypair, load_public_key, verify_artifact
 from fedge.deploy.registry import Registry
+from fedge.deploy.runtime import DeviceRuntime
 from fedge.server.export_hook import (
     MAX_CHECK_EXAMPLES,
     check_reply_metrics,
@@ -78,6 +79,9 @@ def test_final_round_is_published_signed_and_verifiable(tmp_path: Path) -> None:
     assert (manifest["model"], manifest["release"], manifest["candidate"]) == ("cnn8", 1, False)
     assert manifest["quantization"]["reduce_range"] is True
     assert Registry(tmp_path / "run" / "artifacts").current() == "round-0002"
+    # The run-local key's release counter, beside it: the first release of the key.
+    counter = tmp_path / "run" / "keys" / "signing.key.releases"
+    assert counter.read_text() == "1\n" and stat.S_IMODE(counter.stat().st_mode) == 0o600
 
 
 def test_every_n_rounds_and_the_gate_refusing(tmp_path: Path) -> None:
@@ -276,3 +280,35 @@ def test_run_id_is_made_once_and_kept(tmp_path: Path) -> None:
     (tmp_path / "run" / "run-id").write_text("not an id\n")
     with pytest.raises(ArtifactError, match=r"run-id does not hold a run id"):
         run_id(tmp_path / "run")
+
+
+def test_two_runs_sharing_a_signing_key_never_pass_for_one_another(tmp_path: Path) -> None:
+    private, public = generate_keypair(tmp_path / "keys")
+    cfg = RunConfig.from_mapping({**SMALL, "export-every": "final", "signing-key": str(private)})
+    # Two runs, each with its own registry (run_dir/artifacts), one key: one release sequence.
+    (a,) = simulate(cfg, tmp_path / "a")["artifacts"]
+    (b,) = simulate(cfg, tmp_path / "b")["artifacts"]
+    assert a["published"] and b["published"], (a, b)
+    pub = load_public_key(public)
+    manifest_a, manifest_b = verify_artifact(Path(a["path"]), pub), verify_artifact(Path(b["path"]), pub)
+    assert manifest_a["version"] == manifest_b["version"] == "round-0002"
+    assert (manifest_a["release"], manifest_b["release"]) == (1, 2)
+    assert manifest_a["run_id"] != manifest_b["run_id"]
+    assert (tmp_path / "keys" / "signing.key.releases").read_text() == "2\n"
+    device = DeviceRuntime(tmp_path / "device", pub)
+    device.install(tmp_path / "a" / "artifacts")
+    # B's round-0002 is newer: the device updates, although A's round-0002 is installed.
+    device.install(tmp_path / "b" / "artifacts")
+    assert device.current_install() == f"round-0002-{manifest_b['run_id'][:12]}"
+    with pytest.raises(ArtifactError, match=r"release 1 \(round-0002, another run\), not newer"):
+        device.install(Path(a["path"]))  # A's artifact replayed
+    assert device.current_install() == f"round-0002-{manifest_b['run_id'][:12]}"
+
+
+def test_an_unreadable_release_counter_stops_the_run_before_round_1(tmp_path: Path) -> None:
+    private, _ = generate_keypair(tmp_path / "keys")
+    (tmp_path / "keys" / "signing.key.releases").write_text("garbage\n")
+    cfg = RunConfig.from_mapping({**SMALL, "export-every": "final", "signing-key": str(private)})
+    with pytest.raises(ArtifactError, match=r"keys/signing\.key\.releases holds 'garbage'"):
+        simulate(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
