@@ -312,3 +312,17 @@ def test_an_unreadable_release_counter_stops_the_run_before_round_1(tmp_path: Pa
     with pytest.raises(ArtifactError, match=r"keys/signing\.key\.releases holds 'garbage'"):
         simulate(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_round_that_did_not_aggregate_is_never_exported(tmp_path: Path) -> None:
+    # Every client claims more examples than the cap (issue 8, 7.6: the untrained model
+    # used to be signed and published): the run fails, and nothing reaches the registry.
+    from fedge.server.loop import RunFailedError
+
+    cfg = RunConfig.from_mapping({**SMALL, "max-examples-per-client": 1})
+    with pytest.raises(RunFailedError, match="no round aggregated"):
+        simulate(cfg, tmp_path / "run")
+    (entry,) = [json.loads(line) for line in (tmp_path / "run" / "artifacts.jsonl").read_text().splitlines()]
+    assert entry["round"] == 2 and not entry["published"]
+    assert entry["reason"] == "the round did not aggregate an update"
+    assert Registry(tmp_path / "run" / "artifacts").versions() == []
