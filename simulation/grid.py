@@ -28,6 +28,7 @@ import importlib
 import logging
 import multiprocessing
 import os
+import threading
 import time
 import traceback
 from collections import deque
@@ -456,6 +457,7 @@ class InProcessGrid(Grid):
         self._run = Run.create_empty(run_id)
         self._inline_app: ClientApp | None = None
         self._pool: WorkerPool | None = None
+        self._starting: threading.Thread | None = None
         self._store = ClientStateStore(Path(client_state_dir)) if client_state_dir is not None else None
         # The round to file a state under when a message names none (see message_round).
         self._last_round = resume_round
@@ -492,19 +494,38 @@ class InProcessGrid(Grid):
         if self._inline:
             if self._inline_app is None:
                 self._inline_app = load_client_app(self._app_ref)
-        else:
-            if self._pool is None:
-                self._pool = WorkerPool(self._workers, self._app_ref, self._preload)
-            self._pool.start()
+        elif self._pool is None:
+            self._pool = WorkerPool(self._workers, self._app_ref, self._preload)
+            # The first Process.start() waits for the fork server's preload (torch, data
+            # libraries: seconds): from a thread, so it overlaps the server's own start-up
+            # (its data, model and strategy). Deliveries join it (_ready_pool).
+            self._starting = threading.Thread(target=self._pool.start, name="fedge-workers", daemon=True)
+            self._starting.start()
         return self
+
+    def _ready_pool(self) -> WorkerPool:
+        """The pool, once the background start has finished (its errors surface here)."""
+        self.start()
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+        assert self._pool is not None
+        self._pool.start()  # spawns what the background start could not (and raises why)
+        return self._pool
 
     @property
     def worker_pids(self) -> list[int]:
         """Process ids of the worker processes now running."""
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
         return [] if self._pool is None else self._pool.pids
 
     def close(self) -> None:
         """Stop the worker processes."""
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -608,7 +629,7 @@ class InProcessGrid(Grid):
                 out[message.metadata.message_id] = _call_client_app(self._inline_app, message, work)
                 self._accept(message, work.state)
             return out
-        assert self._pool is not None
+        pool = self._ready_pool()
         tasks = [
             (
                 m.metadata.message_id,
@@ -617,7 +638,7 @@ class InProcessGrid(Grid):
             )
             for m in batch
         ]
-        outcomes, late = self._pool.run(tasks, timeout_s)
+        outcomes, late = pool.run(tasks, timeout_s)
         for message in batch:
             outcome = outcomes.get(message.metadata.message_id)
             if outcome is None:
