@@ -328,8 +328,13 @@ def federated_check(
         for node_id in sampled
     ]
     replies: list[tuple[int, float, float]] = []
+    seen: set[int] = set()
     for reply in federation.exchange(messages, server_round, INT8_CHECK, config).replies:
         node = reply.metadata.src_node_id
+        if node in seen or node not in sampled:
+            log.warning("round %d: int8 check left out an extra reply from node %d", server_round, node)
+            continue  # one vote per client asked
+        seen.add(node)
         if reply.has_error() or len(reply.content.metric_records) != 1:
             reason = reply.error.reason if reply.has_error() else "no MetricRecord"
             log.warning("round %d: int8 check of node %d failed: %s", server_round, node, reason)

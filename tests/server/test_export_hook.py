@@ -231,6 +231,8 @@ def test_federated_check_leaves_out_the_liar_of_the_issue(monkeypatch: pytest.Mo
         )
 
     replies = [reply(i, *r) for i, r in enumerate(HONEST)] + [reply(3, 10**15, 0.95, 7.5)]
+    # Extra votes: a second reply from node 0 and one from a node nobody asked.
+    replies += [reply(0, 100, 0.95, 0.95), reply(99, 100, 0.95, 0.95)]
 
     class Grid:
         def get_node_ids(self) -> list[int]:
