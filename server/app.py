@@ -54,11 +54,6 @@ def run_federation(
 ) -> dict[str, Any]:
     """Run (or resume) a federation on ``grid`` and write the run folder; return the summary.
 
-    Raises
-    ------
-    RunFailedError
-        After writing the run folder, when no round aggregated an update.
-
     Parameters
     ----------
     grid : Grid
@@ -73,6 +68,11 @@ def run_federation(
         Observers called after every round.
     started_at : float, optional
         ``time.perf_counter()`` at the start of the run, for ``summary.json``'s ``wall_s``.
+
+    Raises
+    ------
+    RunFailedError
+        After writing the run folder, when no round aggregated an update.
     """
     started_at = time.perf_counter() if started_at is None else started_at
     initial, evaluate_fn = central_evaluation(cfg)
