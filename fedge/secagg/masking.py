@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from fedge.secagg.crypto import MAX_PRG_BITS, prg_field
+from fedge.secagg.crypto import MAX_PRG_BITS, prg_words, word_dtype
 from fedge.secagg.errors import SecAggError
 
 U64 = np.uint64
@@ -116,17 +116,19 @@ def mask(
         On levels out of range, a bad seed, or ``own_position`` among the neighbours.
     """
     modulus_mask = _check_bits(num_bits)
-    y = _as_field(levels, num_bits, "levels")
+    # Accumulate in the PRG's narrow word type: its wrap-around is exact mod 2**num_bits.
+    y = _as_field(levels, num_bits, "levels").astype(word_dtype(num_bits).newbyteorder("="))
     if own_position in pair_seeds:
         raise SecAggError(f"position {own_position} cannot be its own neighbour")
-    y += prg_field(self_seed, y.size, num_bits)
+    y += prg_words(self_seed, y.size, num_bits)
     for neighbor, seed in pair_seeds.items():
         if neighbor > own_position:
-            y += prg_field(seed, y.size, num_bits)
+            y += prg_words(seed, y.size, num_bits)
         else:
-            y -= prg_field(seed, y.size, num_bits)
-    y &= modulus_mask
-    return y
+            y -= prg_words(seed, y.size, num_bits)
+    out = y.astype(U64)
+    out &= modulus_mask
+    return out
 
 
 def unmask_sum(
@@ -163,18 +165,20 @@ def unmask_sum(
     array = np.asarray(masked_sum)
     if array.ndim != 1 or array.dtype != U64:
         raise SecAggError(f"masked_sum must be a 1-D uint64 array, got {array.dtype} of shape {array.shape}")
-    total = array & modulus_mask  # a copy: the caller's array is never modified
+    # A narrow copy (the caller's array is never modified); wrapping stays exact mod 2**m.
+    total = (array & modulus_mask).astype(word_dtype(num_bits).newbyteorder("="))
     for seed in survivor_self_seeds:
-        total -= prg_field(seed, total.size, num_bits)
+        total -= prg_words(seed, total.size, num_bits)
     for (survivor, dropped), seed in dropped_pair_seeds.items():
         if survivor == dropped:
             raise SecAggError(f"position {survivor} cannot be its own neighbour")
         if dropped > survivor:
-            total -= prg_field(seed, total.size, num_bits)
+            total -= prg_words(seed, total.size, num_bits)
         else:
-            total += prg_field(seed, total.size, num_bits)
-    total &= modulus_mask
-    return total
+            total += prg_words(seed, total.size, num_bits)
+    out = total.astype(U64)
+    out &= modulus_mask
+    return out
 
 
 def packed_bytes(num_elements: int, num_bits: int) -> int:

@@ -17,6 +17,8 @@ from fedge.rng import SeededSecretSource
 from fedge.secagg.crypto import (
     INFO_MASK_SEED,
     agree,
+    prg_field,
+    prg_words,
     private_key_from_secret,
     public_key_bytes,
     public_key_from_bytes,
@@ -192,3 +194,27 @@ def test_unpack_refuses_bad_packing() -> None:
         pack(np.array([8]), 3)
     with pytest.raises(SecAggError, match="num_bits"):
         pack(np.array([1]), 63)
+
+
+@pytest.mark.parametrize("num_bits", [1, 8, 9, 15, 16, 31, 33, 62])
+def test_mask_matches_the_formula_with_python_integers(num_bits: int) -> None:
+    # y_i = (x_i + PRG(b)_i + sum_v sign(u, v) PRG(s_uv)_i) mod 2**m, in exact Python integers.
+    source = SeededSecretSource(np.random.default_rng(100 + num_bits))
+    self_seed = source.random_bytes(32)
+    pair = {v: source.random_bytes(32) for v in (0, 1, 4, 6)}
+    levels = np.random.default_rng(num_bits).integers(0, 2**num_bits, 50, dtype=np.uint64)
+    y = mask(levels, self_seed, pair, 3, num_bits)
+    streams = {v: prg_field(seed, 50, num_bits) for v, seed in pair.items()}
+    own = prg_field(self_seed, 50, num_bits)
+    for i in range(50):
+        expected = int(levels[i]) + int(own[i])
+        expected += sum((1 if v > 3 else -1) * int(stream[i]) for v, stream in streams.items())
+        assert int(y[i]) == expected % 2**num_bits
+
+
+def test_prg_words_reduce_to_prg_field() -> None:
+    seed = bytes(range(32))
+    for num_bits in (5, 15, 30, 40):
+        words = prg_words(seed, 20, num_bits)
+        reduced = words.astype(np.uint64) & np.uint64(2**num_bits - 1)
+        np.testing.assert_array_equal(reduced, prg_field(seed, 20, num_bits))
