@@ -20,12 +20,10 @@ them back to float32 before it trains.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from fedge.compression import CodecError, CodecSpec, decode, encode, with_error_feedback
+from fedge.compression import CodecError, decode
 from fedge.rng import Stream, stream_seed
 
 # Array.stype of a tensor whose bytes are a fedge codec payload (fedge.compression.codec).
@@ -56,76 +54,6 @@ def tensor_rotation_seed(rotation_seed: int, tensor_index: int) -> int:
 def is_float32(values: np.ndarray) -> bool:
     """Whether a tensor is compressed (float32) or sent as it is (anything else)."""
     return values.dtype == np.float32
-
-
-def encode_update(
-    local: Mapping[str, np.ndarray],
-    reference: Mapping[str, np.ndarray],
-    spec: CodecSpec,
-    rng: np.random.Generator,
-    *,
-    rotation_seed: int = 0,
-    residual: Mapping[str, np.ndarray] | None = None,
-) -> tuple[ArrayRecord, dict[str, np.ndarray] | None]:
-    """Encode ``local - reference`` per tensor into an ``ArrayRecord`` of codec payloads.
-
-    Parameters
-    ----------
-    local : Mapping[str, ndarray]
-        The client's weights after training.
-    reference : Mapping[str, ndarray]
-        The global weights the client started from (as received, widened to float32);
-        same names and shapes as ``local``. Its order is the record's order.
-    spec : CodecSpec
-        The codec (``none`` sends the exact float32 update).
-    rng : numpy.random.Generator
-        Randomness of stochastic rounding.
-    rotation_seed : int, default 0
-        The round's rotation seed; tensor ``i`` uses :func:`tensor_rotation_seed`.
-    residual : Mapping[str, ndarray], optional
-        Error-feedback residual per float32 tensor (zeros in the first round); ``None``
-        disables error feedback.
-
-    Returns
-    -------
-    arrays : ArrayRecord
-        One Array per tensor: a codec payload for float32 tensors, the plain local tensor
-        otherwise.
-    new_residual : dict or None
-        The residual to keep for the next round (``None`` when ``residual`` is ``None``).
-
-    Raises
-    ------
-    CodecError
-        When names or shapes differ between ``local``, ``reference`` and ``residual``, or
-        an update holds NaN or Inf.
-    """
-    if set(local) != set(reference):
-        missing, extra = sorted(set(reference) - set(local)), sorted(set(local) - set(reference))
-        raise CodecError(
-            f"trained weights name other tensors than the received model "
-            f"(missing {missing}, unexpected {extra})"
-        )
-    records: dict[str, Array] = {}
-    new_residual: dict[str, np.ndarray] | None = {} if residual is not None else None
-    for index, (name, ref) in enumerate(reference.items()):
-        values = np.asarray(local[name])
-        if values.shape != ref.shape:
-            raise CodecError(f"tensor {name!r} is {values.shape} after training, {ref.shape} before")
-        if not is_float32(ref):
-            records[name] = Array(np.ascontiguousarray(values))
-            continue
-        update = values.astype(np.float32) - ref
-        seed = tensor_rotation_seed(rotation_seed, index)
-        if residual is None or new_residual is None:
-            payload = encode(update, spec, rng, rotation_seed=seed)
-        else:
-            previous = residual.get(name)
-            if previous is None:
-                raise CodecError(f"error-feedback residual lacks tensor {name!r}; reset the residual")
-            payload, new_residual[name] = with_error_feedback(update, previous, spec, rng, rotation_seed=seed)
-        records[name] = Array(dtype="float32", shape=tuple(ref.shape), stype=CODEC_STYPE, data=payload)
-    return ArrayRecord(records), new_residual
 
 
 def decode_array(array: Array, reference: np.ndarray) -> np.ndarray:
@@ -217,7 +145,6 @@ __all__ = [
     "CODEC_STYPE",
     "decode_array",
     "decode_update",
-    "encode_update",
     "has_codec_payloads",
     "has_fp16",
     "round_rotation_seed",
