@@ -2,9 +2,10 @@
 
 * :func:`fp16_downlink_mod` widens every float16 tensor the server sent (an fp16
   downlink) back to float32 before any handler sees it.
-* :data:`compression_mod` is the update pipeline (:mod:`fedge.client.pipeline`) with no
-  optional stage: a training reply's weights become the compressed update
-  (``local - global``), with error feedback when the round asks for it.
+* :data:`compression_mod` is the update pipeline (:mod:`fedge.client.pipeline`): a training
+  reply's weights become the compressed update (``local - global``), with error feedback
+  when the round asks for it, and masked with SecAgg+ (:mod:`fedge.client.secagg`) in a
+  secure round.
 
 Both read what to do from the message itself (its arrays' dtypes, the round's
 ``ConfigRecord``), so the server decides and a message without those keys passes through
@@ -17,6 +18,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedge.client.pipeline import UpdatePipeline, client_key, codec_seed
+from fedge.client.secagg import SecAggStage
 from fedge.records import with_content
 from fedge.update_records import has_fp16, to_fp32
 
@@ -34,7 +36,8 @@ def fp16_downlink_mod(msg: Message, context: Context, call_next: ClientAppCallab
     return call_next(with_content(msg, content), context)
 
 
-#: The update pipeline without clip, noise or mask stages (compression and error feedback).
-compression_mod = UpdatePipeline()
+#: The update pipeline: compression and error feedback, and SecAgg+ masking in the rounds
+#: that ask for it (no clip or noise stage yet).
+compression_mod = UpdatePipeline(mask=SecAggStage())
 
 __all__ = ["client_key", "codec_seed", "compression_mod", "fp16_downlink_mod"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -37,12 +38,16 @@ from fedge.records import (
     CODEC,
     CONFIG_KEY,
     ERROR_FEEDBACK,
+    METRICS_KEY,
+    NUM_EXAMPLES,
     ROTATION_SEED,
     SEED,
     SERVER_ROUND,
     arrays_to_numpy,
 )
 from fedge.rng import Stream, stream_seed_sequence
+from fedge.secagg.encoding import FieldEncoding
+from fedge.secagg.encoding import layout as field_layout
 from fedge.update_records import CODEC_STYPE, has_codec_payloads, is_float32, tensor_rotation_seed, to_fp32
 
 #: The pipeline's stages, in the order they run.
@@ -67,6 +72,27 @@ class StageContext:
 UpdateStage = Callable[[Updates, StageContext], Updates]
 #: ``(records, stage_context) -> records``: encoded ArrayRecords by key (``noise``, ``mask``).
 EncodedStage = Callable[[dict[str, ArrayRecord], StageContext], dict[str, ArrayRecord]]
+
+
+class SecureStage(Protocol):
+    """A ``mask`` stage that runs a secure-aggregation protocol (:class:`fedge.client.secagg.SecAggStage`).
+
+    With ``conditional = True`` it acts only on the messages it :meth:`applies` to; their
+    key-exchange stages it answers itself (:meth:`control`), and on the training message
+    the pipeline encodes with the round's :meth:`encoding` (shared-scale levels instead of
+    the codec), runs ``noise`` on the levels, and hands the whole input vector to
+    :meth:`masked_reply`, whose content is the reply: nothing of the plain update leaves.
+    """
+
+    conditional: bool
+
+    def applies(self, msg: Message) -> bool: ...
+
+    def control(self, msg: Message, context: Context) -> Message | None: ...
+
+    def encoding(self, msg: Message) -> FieldEncoding: ...
+
+    def masked_reply(self, msg: Message, context: Context, levels: np.ndarray) -> RecordDict: ...
 
 
 def codec_seed(seed: int, server_round: int, client_key: int) -> np.random.SeedSequence:
@@ -132,14 +158,30 @@ class UpdatePipeline:
     @property
     def has_stages(self) -> bool:
         """Whether any optional stage is installed."""
-        return any(stage is not None for stage in (self.clip, self.noise, self.mask))
+        return any(
+            stage is not None and not getattr(stage, "conditional", False)
+            for stage in (self.clip, self.noise, self.mask)
+        )
 
     def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN or not msg.has_content():
             return call_next(msg, context)
+        secure: SecureStage | None = None
+        mask = self.mask
+        if mask is not None and getattr(mask, "conditional", False):
+            # A secure-aggregation stage acts only on the messages of a secure round.
+            if mask.applies(msg):  # type: ignore[attr-defined]
+                secure = mask  # type: ignore[assignment]
+                assert secure is not None
+                control = secure.control(msg, context)
+                if control is not None:
+                    return control  # a key stage: no training
+            else:
+                mask = None
+        has_stages = any(stage is not None for stage in (self.clip, self.noise, mask))
         round_cfg = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
         codec_text = round_cfg.get(CODEC)
-        if codec_text is None and not self.has_stages:
+        if codec_text is None and not has_stages:
             return call_next(msg, context)
         if codec_text is None:
             codec_text = _EXACT
@@ -164,7 +206,7 @@ class UpdatePipeline:
             return reply
         records = reply.content.array_records
         if any(has_codec_payloads(record) for record in records.values()):
-            if self.has_stages:
+            if has_stages:
                 # Clipping, noise and masking must see every update: never bypassed.
                 raise CodecError(
                     "the handler encoded its update itself, bypassing the clip/noise/mask stages"
@@ -175,7 +217,7 @@ class UpdatePipeline:
         passthrough: dict[str, dict[str, np.ndarray]] = {}
         for key, record in records.items():
             if key not in references:
-                if self.has_stages:
+                if has_stages:
                     raise CodecError(
                         f"the reply carries a record {key!r} the server did not send; with clip/noise/mask "
                         "stages every record sent must be an update of one the server sent"
@@ -212,6 +254,11 @@ class UpdatePipeline:
             updates = self.clip(updates, stage_ctx)
         # 4. encode (the residual keeps what the codec dropped from the clipped update)
         rng = np.random.default_rng(codec_seed(seed, stage_ctx.server_round, client_key(context)))
+        if secure is not None:
+            content = self._secure_encode(
+                secure, msg, reply, context, references, updates, residual, rng, rotation_seed, stage_ctx
+            )
+            return Message(content, reply_to=msg)
         encoded: dict[str, ArrayRecord] = {}
         new_residual: dict[str, np.ndarray] = {}
         index = 0
@@ -235,11 +282,68 @@ class UpdatePipeline:
         # 5. noise, 6. mask
         if self.noise is not None:
             encoded = self.noise(encoded, stage_ctx)
-        if self.mask is not None:
-            encoded = self.mask(encoded, stage_ctx)
+        if mask is not None:
+            encoded = mask(encoded, stage_ctx)
         if residual is not None:
             save_residual(context, new_residual)
         return Message(RecordDict({**dict(reply.content), **encoded}), reply_to=msg)
+
+    def _secure_encode(
+        self,
+        secure: SecureStage,
+        msg: Message,
+        reply: Message,
+        context: Context,
+        references: dict[str, dict[str, np.ndarray]],
+        updates: Updates,
+        residual: dict[str, np.ndarray] | None,
+        rng: np.random.Generator,
+        rotation_seed: int,
+        stage_ctx: StageContext,
+    ) -> RecordDict:
+        """Encode with the round's shared-scale field encoding, add noise, mask (secure rounds)."""
+        encoding = secure.encoding(msg)
+        if set(updates) != set(references):
+            raise CodecError(
+                f"a secure round sums every record the server sent ({sorted(references)}); "
+                f"the reply returned {sorted(updates)}"
+            )
+        metrics = reply.content.metric_records.get(METRICS_KEY)
+        weight = metrics.get(NUM_EXAMPLES) if metrics is not None else None
+        if isinstance(weight, float) and weight.is_integer():
+            weight = int(weight)
+        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+            raise CodecError(
+                f"the training reply's {NUM_EXAMPLES!r} must be a whole number >= 1, got {weight!r}"
+            )
+        ordered = {key: references[key] for key in sorted(references)}
+        seeds = [tensor_rotation_seed(rotation_seed, i) for i in range(sum(len(t) for t in ordered.values()))]
+        slots, _ = field_layout(encoding, ordered, seeds)
+        encoded: dict[str, ArrayRecord] = {}
+        new_residual: dict[str, np.ndarray] = {}
+        arrays: dict[str, dict[str, Array]] = {key: {} for key in ordered}
+        for slot in slots:
+            update = np.asarray(updates[slot.record][slot.name], dtype=np.float32)
+            levels = encoding.encode_tensor(update, weight, rng, slot.rotation_seed)
+            if residual is not None:
+                sent = encoding.decode_tensor(
+                    levels, 1, slot.size, slot.rotation_seed
+                ) / encoding.check_weight(weight)
+                new_residual[_flat(slot.record, slot.name)] = update - sent.reshape(update.shape).astype(
+                    np.float32
+                )
+            arrays[slot.record][slot.name] = Array(levels)
+        encoded = {key: ArrayRecord(tensors) for key, tensors in arrays.items() if tensors}
+        # 5. noise (on the levels), 6. mask
+        if self.noise is not None:
+            encoded = self.noise(encoded, stage_ctx)
+        parts = [np.asarray(encoded[slot.record][slot.name].numpy()).reshape(-1) for slot in slots]
+        parts.append(encoding.encode_weight(weight))
+        vector = np.concatenate([part.astype(np.uint64) for part in parts])
+        content = secure.masked_reply(msg, context, vector)
+        if residual is not None:
+            save_residual(context, new_residual)
+        return content
 
 
 __all__ = [

@@ -46,6 +46,11 @@ STRATEGY_NAMES: tuple[str, ...] = (
 )
 
 
+# Strategies that need every client's update (no secure aggregation, no DP).
+PER_CLIENT_STRATEGIES: tuple[str, ...] = ("fedmedian", "fedtrimmedavg", "krum")
+SECAGG_DROP_STAGES: tuple[str, ...] = ("advertise-keys", "share-keys", "masked-input")
+
+
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line that says how to fix it."""
 
@@ -138,6 +143,31 @@ class RunConfig:
         How the server sends the global model: ``fp32`` or ``fp16`` (half the bytes; the
         server keeps its model in fp32 and clients send updates against what they got,
         as uncompressed float32 updates when ``compression`` is ``none``).
+    secagg : bool
+        Secure aggregation (SecAgg+, :mod:`fedge.secagg`): the server learns only the sum of
+        the sampled clients' updates. Needs a linear strategy (not fedmedian, fedtrimmedavg or
+        krum) and a dense codec (``none``, ``qsgd``, ``ternary`` and their rotated forms).
+    secagg_bits : int or "auto"
+        Bits per quantized element under secure aggregation when ``compression = "none"``
+        (1..8); ``auto`` is 8. ``qsgd:B`` and ``ternary`` bring their own bits.
+    secagg_clip : float
+        The shared quantization scale ``c``: each element of a client's (weight-scaled,
+        rotated) update is clipped to ``[-c, c]`` before quantization.
+    secagg_neighbors : int or "auto"
+        ``k``, neighbours per client in the Harary graph; ``auto`` is the smallest ``k`` whose
+        failure bounds meet 2**-40 security and 2**-20 correctness for the cohort and
+        ``secagg-max-dropout`` (:func:`fedge.secagg.find_graph_parameters`).
+    secagg_threshold : int or "auto"
+        ``t``, Shamir threshold among a client's neighbours (more than ``k / 2``); ``auto``
+        comes with ``k``.
+    secagg_max_dropout : float
+        Declared fraction of a cohort that may drop, in [0, 1); sizes ``k`` and ``t``.
+    secagg_drop_fraction : float
+        Simulation only (tests, benchmarks): this share of each cohort drops after
+        ``secagg-drop-stage``; in [0, 1).
+    secagg_drop_stage : str
+        After which stage those clients drop: ``advertise-keys``, ``share-keys`` or
+        ``masked-input``.
     out_dir : str
         Parent folder of run folders; a run writes ``out_dir/run_name/``.
     run_name : str
@@ -193,6 +223,14 @@ class RunConfig:
     compression: str = "none"
     error_feedback: bool = False
     downlink: str = "fp32"
+    secagg: bool = False
+    secagg_bits: int | Auto = AUTO
+    secagg_clip: float = 0.05
+    secagg_neighbors: int | Auto = AUTO
+    secagg_threshold: int | Auto = AUTO
+    secagg_max_dropout: float = 0.1
+    secagg_drop_fraction: float = 0.0
+    secagg_drop_stage: str = "share-keys"
     out_dir: str = "runs"
     run_name: str = field(default="")
     export_every: str = "final"
@@ -294,6 +332,7 @@ class RunConfig:
             "the update, so the residual grows); use stc:FRACTION, topk:FRACTION or qsgd:BITS "
             "with BITS >= 2, or set error-feedback = false",
         )
+        self._check_secagg(codec)
         _check(
             self.downlink in DOWNLINKS,
             f"unknown downlink {self.downlink!r}; choose one of: {', '.join(DOWNLINKS)}",
@@ -318,6 +357,102 @@ class RunConfig:
             f"export-calibration-samples must be >= 0 (0: dynamic quantization), "
             f"got {self.export_calibration_samples}",
         )
+
+    def _check_secagg(self, codec: CodecSpec) -> None:
+        from fedge.compression import CodecError, require_secagg_compatible
+
+        _check(
+            self.secagg_bits == AUTO or 1 <= self.secagg_bits <= 8,
+            f"secagg-bits must be auto or a whole number in 1..8, got {self.secagg_bits}",
+        )
+        _check(
+            self.secagg_clip > 0,
+            f"secagg-clip must be a number > 0 (the shared scale), got {self.secagg_clip}",
+        )
+        _check(
+            0 <= self.secagg_max_dropout < 1,
+            f"secagg-max-dropout must be in [0, 1), got {self.secagg_max_dropout}",
+        )
+        _check(
+            0 <= self.secagg_drop_fraction < 1,
+            f"secagg-drop-fraction must be in [0, 1), got {self.secagg_drop_fraction}",
+        )
+        _check(
+            self.secagg_drop_stage in SECAGG_DROP_STAGES,
+            f"unknown secagg-drop-stage {self.secagg_drop_stage!r}; "
+            f"choose one of: {', '.join(SECAGG_DROP_STAGES)}",
+        )
+        for name in ("secagg_neighbors", "secagg_threshold"):
+            value = getattr(self, name)
+            _check(
+                value == AUTO or value >= 1, f"{_key(name)} must be auto or a whole number >= 1, got {value}"
+            )
+        if not self.secagg:
+            return
+        _check(
+            self.strategy not in PER_CLIENT_STRATEGIES,
+            f"strategy {self.strategy!r} cannot run under secure aggregation: it needs every client's update "
+            "(a median, a trimmed mean or Krum's distances), and the server sees only their sum; use fedavg, "
+            "fedavgm, fedprox, fedadam, fedyogi or fedadagrad, or set secagg = false",
+        )
+        try:
+            require_secagg_compatible(codec)
+        except CodecError as err:
+            raise ConfigError(str(err)) from None
+        _check(
+            self.secagg_bits == AUTO or codec.kind == "none",
+            f"secagg-bits applies to compression = 'none'; {self.compression!r} quantizes at its own bits "
+            "(set secagg-bits = auto)",
+        )
+        _check(
+            self.clients_per_round >= 2,
+            "secure aggregation needs at least 2 clients a round, "
+            f"got clients-per-round = {self.clients_per_round}",
+        )
+        self.secagg_graph()
+
+    def secagg_graph(self) -> tuple[int, int]:
+        """``(k, t)``: neighbours and Shamir threshold of a cohort of ``clients-per-round``.
+
+        Raises
+        ------
+        ConfigError
+            If the given values do not fit the cohort, or no degree meets the failure targets.
+        """
+        from fedge.secagg import SecAggError, find_graph_parameters
+
+        n = self.clients_per_round
+        try:
+            auto = find_graph_parameters(n, self.secagg_max_dropout)
+        except SecAggError as err:
+            if self.secagg_neighbors == AUTO or self.secagg_threshold == AUTO:
+                raise ConfigError(f"secagg: {err}") from None
+            auto = None
+        if self.secagg_neighbors == AUTO:
+            assert auto is not None
+            k = auto.degree
+        else:
+            k = int(self.secagg_neighbors)
+        _check(
+            k == n - 1 or (2 <= k < n - 1 and k % 2 == 0),
+            f"secagg-neighbors must be even in 2..{n - 2} or {n - 1} (everyone) for {n} clients a round, "
+            f"got {k}",
+        )
+        if self.secagg_threshold != AUTO:
+            t = int(self.secagg_threshold)
+        elif auto is not None and auto.degree == k:
+            t = auto.threshold
+        else:
+            t = k // 2 + 1
+        _check(
+            k // 2 + 1 <= t <= k,
+            f"secagg-threshold must be in {k // 2 + 1}..{k} (more than half of {k} neighbours), got {t}",
+        )
+        return k, t
+
+    def secagg_level_bits(self) -> int:
+        """Bits per level of ``compression = none`` under secure aggregation."""
+        return 8 if self.secagg_bits == AUTO else int(self.secagg_bits)
 
     # --- construction -------------------------------------------------------------
 
@@ -498,6 +633,9 @@ _AUTO_OR = {
     "batch-size": "int",
     "lr": "float",
     "grad-clip-norm": "float",
+    "secagg-bits": "int",
+    "secagg-neighbors": "int",
+    "secagg-threshold": "int",
 }
 
 

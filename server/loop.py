@@ -59,6 +59,7 @@ from fedge.server.checkpoint import (
     write_atomic,
 )
 from fedge.server.checks import INTERNAL_ERROR, CheckedUpdate, check_evaluation, check_update
+from fedge.server.secagg import SecAggTransport
 from fedge.server.transport import (
     EVALUATE,
     TRAIN,
@@ -141,6 +142,8 @@ class RoundRecord:
     aggregated: bool
     train_loss: float | None = None
     federated_accuracy: float | None = None
+    # Secure aggregation: clients in the sum, dropped per stage, bytes per stage up and down.
+    secagg: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (NaN, which JSON lacks, becomes null)."""
@@ -257,7 +260,12 @@ class RoundLoop:
         self.evaluate_fn = evaluate_fn
         self.run_dir = Path(run_dir)
         self.hooks = list(hooks)
-        self.transport: Transport = transport or PlainTransport()
+        if max_examples is None:
+            max_examples = cfg.max_examples_per_client or max(cfg.federated_data().partition_sizes())
+        self.max_examples = int(max_examples)
+        if transport is None:
+            transport = SecAggTransport(cfg, self.max_examples) if cfg.secagg else PlainTransport()
+        self.transport: Transport = transport
         self.mean_stages = list(mean_stages)
         self.components = dict(components or {})
         reserved = {LOOP_COMPONENT, STRATEGY_COMPONENT, TRANSPORT_COMPONENT} & set(self.components)
@@ -265,9 +273,10 @@ class RoundLoop:
             raise ValueError(f"component names {sorted(reserved)} are the loop's own")
         if not self.transport.per_client and not self.info.linear:
             raise ValueError(
-                f"{type(strategy).__name__} needs every client's update, but this transport delivers only "
-                "their sum (secure aggregation); choose a linear strategy (fedavg, fedavgm, fedprox, "
-                "fedadam, fedyogi, fedadagrad)"
+                f"{type(strategy).__name__} needs every client's update (a median, a trimmed mean, Krum's "
+                "or Bulyan's distances), but this transport delivers only their sum (secure aggregation); "
+                "choose a linear strategy (fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad) or "
+                "turn secure aggregation off"
             )
         if train_settings is None:
             from fedge.data import check_dataset_name
@@ -275,9 +284,6 @@ class RoundLoop:
             spec = check_dataset_name(cfg.dataset) or cfg.federated_data().spec
             train_settings = cfg.train_settings(spec)
         self.train_settings = dict(train_settings)
-        if max_examples is None:
-            max_examples = cfg.max_examples_per_client or max(cfg.federated_data().partition_sizes())
-        self.max_examples = int(max_examples)
         self.history: list[RoundRecord] = []
         self.last_round = 0
         # Replies dropped because checking them hit a bug in fedge (logged with tracebacks).
@@ -587,6 +593,10 @@ class RoundLoop:
             grid, messages, RoundContext(server_round, TRAIN, config, cfg.round_timeout_s)
         )
         bytes_up = sum(payload_bytes(r.content) for r in exchange.replies if r.has_content())
+        if exchange.bytes_up is not None:
+            bytes_up = exchange.bytes_up
+        if exchange.bytes_down is not None:
+            bytes_down = exchange.bytes_down
 
         checked, dropped = self._check_replies(server_round, exchange, references)
         if exchange.aggregate is None and self.info.linear:
@@ -632,6 +642,7 @@ class RoundLoop:
             aggregated=aggregated,
             train_loss=_weighted_mean(losses),
             federated_accuracy=federated_accuracy,
+            secagg=exchange.stats.get("secagg"),
         )
 
     def _federated_evaluate(self, grid: Grid, server_round: int, node_ids: list[int]) -> float | None:

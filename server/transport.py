@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -61,12 +61,21 @@ class Exchange:
         The sum of the updates (aggregate transports: secure aggregation).
     missing : tuple of int
         Node ids that did not reply in time.
+    bytes_up, bytes_down : int or None
+        Payload bytes of every message of the exchange, when the transport sends more than
+        the round's messages and their replies (secure aggregation's stages); ``None``: the
+        loop counts the messages and replies itself.
+    stats : dict
+        What the transport reports for the round's line of ``metrics.jsonl`` (JSON values).
     """
 
     sent: tuple[int, ...]
     replies: list[Message] = field(default_factory=list)
     aggregate: Aggregate | None = None
     missing: tuple[int, ...] = ()
+    bytes_up: int | None = None
+    bytes_down: int | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 class Transport(Protocol):

@@ -27,11 +27,14 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: d
 from google.protobuf.message import DecodeError
 
 from fedge.files import write_bytes_atomic
+from fedge.secagg_wire import STATE_KEY as SECAGG_STATE_KEY
 from fedge.server.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
 STATE_FILE_PATTERN = "state-round-{server_round:04d}.pb"
+#: ``Context.state`` records that live only in memory (a SecAgg+ round's secrets).
+EPHEMERAL_STATE_KEYS = frozenset({SECAGG_STATE_KEY})
 _STATE_FILE_RE = re.compile(r"^state-round-(\d+)\.pb$")
 # The newest version and the one before it (see the module docstring).
 VERSIONS_KEPT = 2
@@ -78,7 +81,10 @@ class ClientStateStore:
         folder = self._folder(partition_id)
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = folder / STATE_FILE_PATTERN.format(server_round=server_round)
-        data = recorddict_to_proto(state).SerializeToString(deterministic=True)
+        # A secure round's secrets (keys, seeds, held shares) never reach the disk: a round
+        # interrupted by a crash is lost anyway (its keys are fresh per round).
+        kept = RecordDict({key: value for key, value in state.items() if key not in EPHEMERAL_STATE_KEYS})
+        data = recorddict_to_proto(kept).SerializeToString(deterministic=True)
         write_bytes_atomic(path, data, mode=0o600)
         for old_round in sorted(self.versions(partition_id), reverse=True)[VERSIONS_KEPT:]:
             self._folder(partition_id).joinpath(STATE_FILE_PATTERN.format(server_round=old_round)).unlink(

@@ -28,7 +28,7 @@ ALLOWED = {
     "fedge.simulation": {"fedge.server", "fedge.client", "fedge.strategies", "fedge.deploy"},
     "fedge": set(),  # the kernel (fedge/cli.py, which sees every role, is exempt)
 }
-PURE_MATH = ("fedge/compression", "fedge/privacy", "fedge/secagg", "fedge/aggregation.py", "fedge/rng.py")
+PURE_MATH = ("fedge/compression/", "fedge/privacy/", "fedge/secagg/", "fedge/aggregation.py", "fedge/rng.py")
 
 
 def _modules() -> list[tuple[Path, str]]:

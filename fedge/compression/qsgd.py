@@ -243,7 +243,9 @@ def secagg_sum_bits(num_bits: int, num_clients: int) -> int:
     return num_bits + math.ceil(math.log2(num_clients))
 
 
-def quantize_levels(x: F32, num_bits: int, clip_value: float, rng: np.random.Generator) -> U8:
+def quantize_levels(
+    x: F32, num_bits: int, clip_value: float, rng: np.random.Generator, top: int | None = None
+) -> U8:
     """Levels of ``x`` against a scale shared by all clients (for secure aggregation).
 
     Parameters
@@ -256,11 +258,13 @@ def quantize_levels(x: F32, num_bits: int, clip_value: float, rng: np.random.Gen
         The shared scale ``m`` (> 0).
     rng : numpy.random.Generator
         Source of the rounding uniforms.
+    top : int, optional
+        ``L``, the top level; default ``2**num_bits - 1`` (ternary: :data:`TERNARY_TOP`).
 
     Returns
     -------
     ndarray of uint8, shape (x.size,)
-        Levels in ``0..2**num_bits - 1``, unbiased: ``E[clip_value * (q * 2 / L - 1)] = x``.
+        Levels in ``0..L``, unbiased: ``E[clip_value * (q * 2 / L - 1)] = x``.
 
     Raises
     ------
@@ -274,8 +278,11 @@ def quantize_levels(x: F32, num_bits: int, clip_value: float, rng: np.random.Gen
         raise CodecError("update contains NaN or Inf; fix the training step before quantizing it")
     if flat.size and float(np.abs(flat).max()) > clip_value:
         raise CodecError(f"update exceeds clip_value {clip_value}; clip it to the shared scale first")
+    levels = num_levels(num_bits) if top is None else int(top)
+    if not 1 <= levels <= num_levels(num_bits):
+        raise CodecError(f"top must be in 1..{num_levels(num_bits)} for {num_bits} bits, got {top}")
     scale = np.full(1, clip_value, dtype=np.float32)
-    return _stochastic_levels(flat.reshape(1, -1), scale, num_levels(num_bits), rng).reshape(-1)
+    return _stochastic_levels(flat.reshape(1, -1), scale, levels, rng).reshape(-1)
 
 
 def dequantize_level_sum(

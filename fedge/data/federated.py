@@ -140,9 +140,7 @@ class FederatedData:
         if num_partitions < 1:
             raise DataError(f"num_partitions={num_partitions} must be >= 1; use 1 or more clients")
         if not (math.isfinite(local_test_fraction) and 0.0 <= local_test_fraction < 1.0):
-            raise DataError(
-                f"local_test_fraction={local_test_fraction} must be in [0, 1); e.g. 0.2"
-            )
+            raise DataError(f"local_test_fraction={local_test_fraction} must be in [0, 1); e.g. 0.2")
         root: Path | None = resolve_data_dir(dataset, data_dir)
         self._data_dir = str(root) if root is not None else None
         self._num_partitions = num_partitions

@@ -48,9 +48,7 @@ that goes to the test split."""
 
 SHAKESPEARE_WINDOW_LEN = 80
 # LEAF's ALL_LETTERS (leaf/models/utils/language_utils.py): token id = position in it.
-SHAKESPEARE_ALPHABET = (
-    "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz}"
-)
+SHAKESPEARE_ALPHABET = "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz}"
 SHAKESPEARE_MIN_WINDOWS_PER_SPLIT = 2
 """A speaker is kept only with at least this many windows in both train and test."""
 
@@ -258,9 +256,7 @@ SPECS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec("digits", 10, (1, 8, 8), "float32", "cnn8", None),
     # 1,200 images a client (50 clients): one epoch of batch 32 is 38 steps, digits' 5 epochs
     # of batch 8 would be 750 a round.
-    "mnist": DatasetSpec(
-        "mnist", 10, (1, 28, 28), "float32", "cnn28", None, training=_ONE_EPOCH_OF_32
-    ),
+    "mnist": DatasetSpec("mnist", 10, (1, 28, 28), "float32", "cnn28", None, training=_ONE_EPOCH_OF_32),
     "fashion-mnist": DatasetSpec(
         "fashion-mnist",
         10,
@@ -302,9 +298,7 @@ SPECS: dict[str, DatasetSpec] = {
         central_test_size=10_000,
     ),
     "heart": DatasetSpec("heart", 2, (13,), "float32", "mlp", "hospital", training=LocalTraining(lr=0.01)),
-    "cifar10": DatasetSpec(
-        "cifar10", 10, (3, 32, 32), "float32", "cnn32", None, training=_ONE_EPOCH_OF_32
-    ),
+    "cifar10": DatasetSpec("cifar10", 10, (3, 32, 32), "float32", "cnn32", None, training=_ONE_EPOCH_OF_32),
 }
 
 _IDX_NAMES = (
@@ -782,9 +776,7 @@ def load_shakespeare(root: Path | None, seed: int) -> LoadedDataset:
     x_test = TokenWindows(codes, np.concatenate(test_starts), SHAKESPEARE_WINDOW_LEN)
     y_train = codes[x_train.starts + SHAKESPEARE_WINDOW_LEN].astype(np.int64)
     y_test = codes[x_test.starts + SHAKESPEARE_WINDOW_LEN].astype(np.int64)
-    return LoadedDataset(
-        SPECS["shakespeare"], x_train, y_train, x_test, y_test, train_ids, test_ids
-    )
+    return LoadedDataset(SPECS["shakespeare"], x_train, y_train, x_test, y_test, train_ids, test_ids)
 
 
 def _read_heart_file(path: Path) -> np.ndarray:

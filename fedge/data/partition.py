@@ -142,9 +142,7 @@ def _fill_empty_partitions(parts: list[np.ndarray]) -> list[np.ndarray]:
         if part.size == 0:
             donor = max(range(len(out)), key=lambda i: out[i].size)
             if out[donor].size < 2:
-                raise DataError(
-                    "too few samples to give every client one; lower the number of clients"
-                )
+                raise DataError("too few samples to give every client one; lower the number of clients")
             out[pid] = out[donor][-1:]
             out[donor] = out[donor][:-1]
     return out
@@ -276,8 +274,7 @@ def partition_indices(
     natural_ids = np.asarray(natural_ids)
     if natural_ids.shape != labels.shape:
         raise DataError(
-            f"natural_ids shape {natural_ids.shape} differs from labels {labels.shape}; "
-            "pass train_ids"
+            f"natural_ids shape {natural_ids.shape} differs from labels {labels.shape}; pass train_ids"
         )
     unique_ids = np.unique(natural_ids)
     if num_partitions > unique_ids.size:

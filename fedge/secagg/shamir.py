@@ -53,7 +53,11 @@ def _random_field_element(random_bytes: Callable[[int], bytes]) -> int:
 
 
 def share(
-    secret: bytes, threshold: int, num_shares: int, random_bytes: Callable[[int], bytes]
+    secret: bytes,
+    threshold: int,
+    num_shares: int,
+    random_bytes: Callable[[int], bytes],
+    indices: Sequence[int] | None = None,
 ) -> list[Share]:
     """Split ``secret`` into ``num_shares`` shares, any ``threshold`` of which rebuild it.
 
@@ -68,11 +72,15 @@ def share(
     random_bytes : callable
         ``random_bytes(num_bytes) -> bytes``, a secret source
         (``fedge.rng.OsSecretSource().random_bytes`` in production).
+    indices : sequence of int, optional
+        Evaluate at these ``num_shares`` distinct points in ``1..65535`` instead of
+        ``1..n`` (SecAgg+: a client's share for the neighbour at graph position ``v`` is
+        ``f(v + 1)``, so the server can rebuild from any ``t`` holders).
 
     Returns
     -------
     list of Share
-        ``[Share(i, f(i)) for i in 1..n]``.
+        ``[Share(i, f(i)) for i in indices]`` (default ``1..n``).
 
     Raises
     ------
@@ -85,10 +93,15 @@ def share(
         raise SecAggError(f"num_shares must be in 1..{MAX_SHARES}, got {num_shares}")
     if not 1 <= threshold <= num_shares:
         raise SecAggError(f"threshold must be in 1..num_shares={num_shares}, got {threshold}")
+    points = list(range(1, num_shares + 1)) if indices is None else [int(i) for i in indices]
+    if len(points) != num_shares or len(set(points)) != num_shares:
+        raise SecAggError(f"indices must be {num_shares} distinct points, got {len(points)}")
+    if any(not 1 <= x <= MAX_SHARES for x in points):
+        raise SecAggError(f"share indices must be in 1..{MAX_SHARES}")
     coefficients = [int.from_bytes(secret, "little")]
     coefficients += [_random_field_element(random_bytes) for _ in range(threshold - 1)]
     shares = []
-    for x in range(1, num_shares + 1):
+    for x in points:
         y = 0
         for coefficient in reversed(coefficients):  # Horner
             y = (y * x + coefficient) % PRIME

@@ -251,6 +251,14 @@ CHANGED = {
     "compression": "qsgd:4",
     "error-feedback": True,
     "downlink": "fp16",
+    "secagg": True,
+    "secagg-bits": 4,
+    "secagg-clip": 0.2,
+    "secagg-neighbors": 2,
+    "secagg-threshold": 2,
+    "secagg-max-dropout": 0.3,
+    "secagg-drop-fraction": 0.1,
+    "secagg-drop-stage": "masked-input",
     "registry-dir": "/elsewhere",
 }
 
