@@ -214,3 +214,104 @@ def test_superlink_two_supernodes_flwr_run(tmp_path: Path, compressed: bool) -> 
     assert not leftovers, f"processes left running: {sorted(leftovers)}"
     for name, proc in group.procs.items():
         assert proc.returncode is not None, name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_superlink_two_supernodes_secagg_round(tmp_path: Path) -> None:
+    """One SecAgg+ round over gRPC: the four stages pass through the SuperLink and only the
+    sum comes back; the SuperNodes' state folders never see the round's secrets."""
+    from fedge.secagg_wire import STATE_KEY
+
+    home = tmp_path / "flwr_home"
+    home.mkdir()
+    out_dir = tmp_path / "runs"
+    fleet_port, http_port, *node_ports = free_ports(2 + NUM_NODES)
+    (home / "config.toml").write_text(
+        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n'
+    )
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        FLWR_HOME=str(home),
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        OMP_NUM_THREADS="1",
+    )
+    group = ProcessGroup(tmp_path, env)
+    run_out = ""
+    try:
+        superlink = group.start(
+            "superlink",
+            [
+                str(VENV_BIN / "flower-superlink"),
+                "--insecure",
+                "--fleet-api-address",
+                f"127.0.0.1:{fleet_port}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(http_port),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
+        wait_http_ok(f"http://127.0.0.1:{http_port}/health", 60, superlink)
+        for pid, port in enumerate(node_ports):
+            group.start(
+                f"supernode{pid}",
+                [
+                    str(VENV_BIN / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{fleet_port}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--node-config",
+                    f"partition-id={pid} num-partitions={NUM_NODES} state-dir='{tmp_path / f'node{pid}'}'",
+                    "--max-retries",
+                    "10",
+                    "--max-wait-time",
+                    "60",
+                ],
+            )
+        wait_for_text(group.log_path("superlink"), ACTIVATED, NUM_NODES, 60)
+        run_config = (
+            f"num-clients={NUM_NODES} clients-per-round={NUM_NODES} num-rounds=1 "
+            f"local-epochs=1 out-dir='{out_dir}' run-name='e2e-secagg' "
+            "secagg=true compression='qsgd:4' error-feedback=true"
+        )
+        result = _flwr(
+            group, "run", str(PROJECT), CONNECTION, "--stream", "--run-config", run_config, timeout=120
+        )
+        run_out = result.stdout + result.stderr
+        assert result.returncode == 0, run_out
+
+        run_dir = out_dir / "e2e-secagg"
+        metrics = run_dir / "metrics.jsonl"
+        assert metrics.is_file(), f"no {metrics}; flwr run said:\n{run_out}"
+        (line,) = [json.loads(x) for x in metrics.read_text().splitlines()]
+        assert line["aggregated"] is True, line
+        assert line["clients"] == NUM_NODES and line["dropped"] == 0, line
+        stats = line["secagg"]
+        assert stats["clients_in_sum"] == NUM_NODES, stats
+        assert list(stats["bytes_up_per_stage"]) == ["advertise-keys", "share-keys", "masked-input", "unmask"]
+        assert line["bytes_up"] == sum(stats["bytes_up_per_stage"].values())
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["rounds_completed"] == 1 and summary["config"]["secagg"] is True
+        # Each SuperNode kept its error-feedback residual, and nothing of the round's secrets.
+        for pid in range(NUM_NODES):
+            files = [p for p in (tmp_path / f"node{pid}").rglob("*") if p.is_file()]
+            assert files, pid
+            assert not [p for p in files if STATE_KEY.encode() in p.read_bytes()]
+    except BaseException:
+        for name in group.procs:
+            print(f"----- {name}.log -----\n{group.log(name)[-4000:]}")
+        print(f"----- flwr run -----\n{run_out[-6000:]}")
+        raise
+    finally:
+        group.stop()
+        leftovers = group.alive()
+    assert not leftovers, f"processes left running: {sorted(leftovers)}"
