@@ -29,8 +29,10 @@ at positions ``0..n-1`` of the ``k``-regular Harary graph (:func:`~fedge.secagg.
 
 A client may drop after any stage. The round aborts (:class:`SecAggAbortError`) when a secret the
 server needs has fewer than ``t`` holders left: before the unmask stage when that is already
-known (nothing is revealed), or when too few unmask replies came. An abort reveals at most
-``t - 1`` shares of any secret, which are independent of it (Shamir's perfect secrecy).
+known (nothing is revealed), or when too few unmask replies came. A late abort reveals at most
+``t - 1`` shares of the secret it lacks, which are independent of it (Shamir's perfect
+secrecy); the other secrets' shares that did arrive are of the kinds a successful round
+reveals (never both kinds of one client).
 
 Everything a client sends is checked before use (:class:`ServerRound`): key points, share
 counts and ciphertext lengths, addressees that are not neighbours, masked vectors of the
@@ -474,7 +476,7 @@ class ServerRound:
     def receive_keys(self, keys: Mapping[int, tuple[bytes, bytes]]) -> dict[int, str]:
         """Keep the clients whose two keys are valid, distinct, unrepeated X25519 points."""
         refused: dict[int, str] = {}
-        seen: dict[bytes, int] = {}
+        valid: dict[int, tuple[bytes, bytes]] = {}
         for u in sorted(keys):
             c_pk, s_pk = keys[u]
             try:
@@ -484,11 +486,19 @@ class ServerRound:
             except SecAggError as err:
                 refused[u] = str(err)
                 continue
-            if c_pk == s_pk or c_pk in seen or s_pk in seen:
+            valid[u] = (bytes(c_pk), bytes(s_pk))
+        # Every client holding a repeated key is refused, not just the later one: the server
+        # cannot tell which is genuine, and a kept copy of another's mask key would leave
+        # pairwise masks that do not cancel (a silently wrong sum).
+        counts: dict[bytes, int] = {}
+        for pair in valid.values():
+            for key in pair:
+                counts[key] = counts.get(key, 0) + 1
+        for u, (c_pk, s_pk) in valid.items():
+            if counts[c_pk] > 1 or counts[s_pk] > 1:
                 refused[u] = "a public key repeats another key of this round"
                 continue
-            seen[bytes(c_pk)] = seen[bytes(s_pk)] = u
-            self._clients[u] = _ServerClient(bytes(c_pk), bytes(s_pk))
+            self._clients[u] = _ServerClient(c_pk, s_pk)
             self.u1.add(u)
         # A client with fewer than t neighbours left could never be unmasked: drop it (and
         # again, since that lowers its neighbours' counts).
@@ -685,8 +695,14 @@ class ServerRound:
                 f"only {len(shares)} shares of the {kind} of position {owner} arrived; need {t}"
             )
         ordered = [shares[w] for w in sorted(shares)]
-        secret = shamir.reconstruct(ordered[:t], t)
-        if len(ordered) > t and shamir.reconstruct(ordered[-t:], t) != secret:
+        try:  # mixed shares may not even rebuild a 32-byte value: that is an abort too
+            secret = shamir.reconstruct(ordered[:t], t)
+            agrees = len(ordered) == t or shamir.reconstruct(ordered[-t:], t) == secret
+        except SecAggError as err:
+            raise SecAggAbortError(
+                f"the shares of the {kind} of position {owner} do not agree ({err})"
+            ) from None
+        if not agrees:
             raise SecAggAbortError(f"the shares of the {kind} of position {owner} do not agree")
         return secret
 
