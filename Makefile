@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/engines.py
 	$(PY) benchmarks/export.py
 	$(PY) benchmarks/compression.py
+	$(PY) benchmarks/secagg.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
