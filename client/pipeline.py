@@ -339,7 +339,7 @@ class UpdatePipeline:
             encoded = self.noise(encoded, stage_ctx)
         parts = [np.asarray(encoded[slot.record][slot.name].numpy()).reshape(-1) for slot in slots]
         parts.append(encoding.encode_weight(weight))
-        vector = np.concatenate([part.astype(np.uint64) for part in parts])
+        vector = np.concatenate(parts)  # the levels' own narrow dtype (uint8); masking widens once
         content = secure.masked_reply(msg, context, vector)
         if residual is not None:
             save_residual(context, new_residual)

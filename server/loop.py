@@ -588,7 +588,9 @@ class RoundLoop:
             message.metadata.group_id = str(server_round)
         references = _references(messages)
         messages = self._downlink(messages)
-        bytes_down = sum(payload_bytes(m.content) for m in messages)
+        # Counted before the exchange (a transport may add to the messages) unless the
+        # transport counts every message it sends itself (secure aggregation's stages).
+        bytes_down = sum(payload_bytes(m.content) for m in messages) if self.transport.per_client else 0
         exchange = self.transport.exchange(
             grid, messages, RoundContext(server_round, TRAIN, config, cfg.round_timeout_s)
         )
@@ -597,6 +599,8 @@ class RoundLoop:
             bytes_up = exchange.bytes_up
         if exchange.bytes_down is not None:
             bytes_down = exchange.bytes_down
+        elif not self.transport.per_client:
+            bytes_down = sum(payload_bytes(m.content) for m in messages)
 
         checked, dropped = self._check_replies(server_round, exchange, references)
         if exchange.aggregate is None and self.info.linear:

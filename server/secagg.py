@@ -132,6 +132,8 @@ class _SecureRound:
         self.bytes_down: dict[str, int] = {}
         self.dropped_per_stage: dict[str, int] = {}
         self.group_id = messages[0].metadata.group_id if messages else str(ctx.server_round)
+        self.sizes: dict[int, int] = {}  # id(message) -> payload bytes, where already known
+        self._item_bytes: dict[tuple[str, int], int] = {}
 
     # -- the round --------------------------------------------------------------------------
     def run(self) -> Exchange:
@@ -263,8 +265,11 @@ class _SecureRound:
                 }
             )
             message = self.messages[self.node_of[v]]
+            plain = self._content_bytes(message.content)
             message.content = RecordDict({**dict(message.content), wire.SECAGG_KEY: record})
             out[v] = message
+            # Protobuf sizes of a RecordDict's items add up: the model's is counted once a round.
+            self.sizes[id(message)] = plain + payload_bytes(RecordDict({wire.SECAGG_KEY: record}))
         replies = self._exchange(STAGE_MASKED_INPUT, out)
         inputs: dict[int, tuple[bytes, list[int]]] = {}
         for pos, rec in replies.items():
@@ -327,6 +332,16 @@ class _SecureRound:
         return self._result(aggregate)
 
     # -- helpers ----------------------------------------------------------------------------
+    def _content_bytes(self, content: RecordDict) -> int:
+        """Payload bytes of ``content``, each record object sized once (strategies share the model)."""
+        total = 0
+        for key, record in content.items():
+            item = (key, id(record))
+            if item not in self._item_bytes:
+                self._item_bytes[item] = payload_bytes(RecordDict({key: record}))
+            total += self._item_bytes[item]
+        return total
+
     def _control(self, pos: int, values: dict[str, Any], stage: int) -> Message:
         record = wire.to_record({wire.STAGE: stage, **values})
         return self.grid.create_message(
@@ -337,7 +352,9 @@ class _SecureRound:
         """Send one stage's messages (not to vanished clients); the valid replies' records by position."""
         name = STAGE_NAMES[stage]
         targets = {pos: msg for pos, msg in out.items() if pos not in self.vanished}
-        self.bytes_down[name] = sum(payload_bytes(m.content) for m in targets.values())
+        self.bytes_down[name] = sum(
+            self.sizes[id(m)] if id(m) in self.sizes else payload_bytes(m.content) for m in targets.values()
+        )
         if not targets:
             self.bytes_up[name] = 0
             return {}

@@ -79,7 +79,7 @@ def _as_field(values: np.ndarray, num_bits: int, name: str) -> np.ndarray:
         raise SecAggError(f"{name} must be a 1-D integer array, got {array.dtype} of shape {array.shape}")
     if array.size and (int(array.min()) < 0 or int(array.max()) >= 1 << num_bits):
         raise SecAggError(f"{name} must lie in [0, 2**{num_bits}); quantize to fewer bits or raise num_bits")
-    return array.astype(U64)  # a copy: the caller's array is never modified
+    return array  # checked, not converted: every caller copies before it writes
 
 
 def mask(
@@ -107,8 +107,9 @@ def mask(
 
     Returns
     -------
-    ndarray of uint64, shape (d,)
-        ``y_u`` in ``[0, 2**m)``, a new array.
+    ndarray of unsigned integers, shape (d,)
+        ``y_u`` in ``[0, 2**m)``, a new array, in the narrowest word that holds ``m`` bits
+        (:func:`fedge.secagg.crypto.word_dtype`: uint16 for ``m = 15``), as :func:`pack` takes it.
 
     Raises
     ------
@@ -126,9 +127,8 @@ def mask(
             y += prg_words(seed, y.size, num_bits)
         else:
             y -= prg_words(seed, y.size, num_bits)
-    out = y.astype(U64)
-    out &= modulus_mask
-    return out
+    y &= y.dtype.type(int(modulus_mask))
+    return y
 
 
 def unmask_sum(
@@ -186,13 +186,19 @@ def packed_bytes(num_elements: int, num_bits: int) -> int:
     return (num_elements * num_bits + 7) // 8
 
 
-def _layout(num_bits: int) -> list[tuple[int, int, int, int]]:
-    """For element ``j`` of a block of 64 (``64 * m`` bits = ``m`` words): (j, word, shift, spill)."""
+def _word(num_bits: int) -> tuple[type[np.unsignedinteger], int]:
+    """The packing word: uint32 for ``m <= 32`` (half the memory traffic), else uint64."""
+    return (np.uint32, 32) if num_bits <= 32 else (np.uint64, 64)
+
+
+def _layout(num_bits: int, word_bits: int = 64) -> list[tuple[int, int, int, int]]:
+    """For element ``j`` of a block of ``w`` (``w * m`` bits = ``m`` words of ``w`` bits):
+    (j, word, shift, spill)."""
     layout = []
-    for j in range(64):
+    for j in range(word_bits):
         offset = j * num_bits
-        word, shift = divmod(offset, 64)
-        layout.append((j, word, shift, shift + num_bits - 64))
+        word, shift = divmod(offset, word_bits)
+        layout.append((j, word, shift, shift + num_bits - word_bits))
     return layout
 
 
@@ -213,16 +219,23 @@ def pack(values: np.ndarray, num_bits: int) -> bytes:
     """
     _check_bits(num_bits)
     flat = _as_field(values, num_bits, "values")
-    blocks = -(-flat.size // 64)
-    padded = np.zeros(blocks * 64, dtype=U64)
+    dtype, width = _word(num_bits)
+    blocks = -(-flat.size // width)
+    # Element j of every block is one contiguous row (a transposed layout), so each of the
+    # ``width`` steps below is a streaming operation over ``blocks`` words.
+    padded = np.zeros(blocks * width, dtype=dtype)
     padded[: flat.size] = flat
-    elements = padded.reshape(blocks, 64)
-    words = np.zeros((blocks, num_bits), dtype=U64)
-    for j, word, shift, spill in _layout(num_bits):
-        words[:, word] |= elements[:, j] << U64(shift)
+    elements = np.ascontiguousarray(padded.reshape(blocks, width).T)
+    words = np.zeros((num_bits, blocks), dtype=dtype)
+    scratch = np.empty(blocks, dtype=dtype)
+    for j, word, shift, spill in _layout(num_bits, width):
+        np.left_shift(elements[j], dtype(shift), out=scratch)
+        words[word] |= scratch
         if spill > 0:
-            words[:, word + 1] |= elements[:, j] >> U64(64 - shift)
-    return words.astype("<u8").tobytes()[: packed_bytes(flat.size, num_bits)]
+            np.right_shift(elements[j], dtype(width - shift), out=scratch)
+            words[word + 1] |= scratch
+    stream = np.ascontiguousarray(words.T).astype(np.dtype(dtype).newbyteorder("<"), copy=False)
+    return stream.tobytes()[: packed_bytes(flat.size, num_bits)]
 
 
 def unpack(data: bytes, num_elements: int, num_bits: int) -> np.ndarray:
@@ -249,14 +262,21 @@ def unpack(data: bytes, num_elements: int, num_bits: int) -> np.ndarray:
     used_bits = num_elements * num_bits
     if used_bits % 8 and data[-1] >> (used_bits % 8):
         raise SecAggError("the packed vector's padding bits are not zero; it was not packed by fedge")
-    blocks = -(-num_elements // 64)
-    raw = np.zeros(blocks * num_bits * 8, dtype=np.uint8)
+    dtype, width = _word(num_bits)
+    blocks = -(-num_elements // width)
+    raw = np.zeros(blocks * num_bits * (width // 8), dtype=np.uint8)
     raw[:expected] = np.frombuffer(data, dtype=np.uint8)
-    words = raw.view("<u8").astype(U64).reshape(blocks, num_bits)
-    elements = np.empty((blocks, 64), dtype=U64)
-    for j, word, shift, spill in _layout(num_bits):
-        column = words[:, word] >> U64(shift)
+    words = np.ascontiguousarray(
+        raw.view(np.dtype(dtype).newbyteorder("<")).astype(dtype, copy=False).reshape(blocks, num_bits).T
+    )
+    elements = np.empty((width, blocks), dtype=dtype)
+    scratch = np.empty(blocks, dtype=dtype)
+    word_mask = dtype(int(modulus_mask))
+    for j, word, shift, spill in _layout(num_bits, width):
+        column = elements[j]
+        np.right_shift(words[word], dtype(shift), out=column)
         if spill > 0:
-            column |= words[:, word + 1] << U64(64 - shift)
-        elements[:, j] = column & modulus_mask
-    return elements.reshape(-1)[:num_elements].copy()
+            np.left_shift(words[word + 1], dtype(width - shift), out=scratch)
+            column |= scratch
+        column &= word_mask
+    return np.ascontiguousarray(elements.T).reshape(-1)[:num_elements].astype(U64)

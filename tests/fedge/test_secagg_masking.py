@@ -125,7 +125,7 @@ def test_mask_leaves_its_input_alone_and_refuses_bad_input() -> None:
     before = levels.copy()
     y = mask(levels, bytes(range(32)), {1: bytes(32)}, 0, 8)
     np.testing.assert_array_equal(levels, before)
-    assert y.dtype == np.uint64 and int(y.max()) < 256
+    assert y.dtype == np.uint8 and int(y.max()) < 256  # the narrowest word for 8 bits
     with pytest.raises(SecAggError, match="own neighbour"):
         mask(levels, bytes(32), {0: bytes(32)}, 0, 8)
     with pytest.raises(SecAggError, match=r"\[0, 2\*\*4\)"):
