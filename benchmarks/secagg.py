@@ -464,7 +464,7 @@ def accuracy(seeds: list[int], rounds: int) -> dict[str, Any]:
         "workload": {
             **ACCURACY_WORKLOAD,
             "num-rounds": rounds,
-            "secagg-clip": "default (0.05)",
+            "secagg-clip": f"default ({RunConfig().secagg_clip})",
             "secagg-bits": "auto (8)",
         },
         "seeds": seeds,

@@ -225,7 +225,7 @@ class RunConfig:
     downlink: str = "fp32"
     secagg: bool = False
     secagg_bits: int | Auto = AUTO
-    secagg_clip: float = 0.05
+    secagg_clip: float = 0.2
     secagg_neighbors: int | Auto = AUTO
     secagg_threshold: int | Auto = AUTO
     secagg_max_dropout: float = 0.1

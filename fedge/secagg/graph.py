@@ -62,6 +62,32 @@ def harary_graph(degree: int, num_nodes: int) -> tuple[tuple[int, ...], ...]:
     )
 
 
+def harary_neighbors(degree: int, num_nodes: int, position: int) -> tuple[int, ...]:
+    """``harary_graph(degree, num_nodes)[position]``, without building the whole graph.
+
+    A client gets ``n`` and ``k`` from the server: computing only its own row keeps its
+    work at ``O(k)`` (``O(n)`` for the complete graph), whatever ``n`` a message names.
+
+    Raises
+    ------
+    SecAggError
+        As :func:`harary_graph`, or on a position outside ``0..n-1``.
+    """
+    if num_nodes < 2:
+        raise SecAggError(f"a SecAgg graph needs at least 2 nodes, got {num_nodes}")
+    if not 0 <= position < num_nodes:
+        raise SecAggError(f"position must be in 0..{num_nodes - 1}, got {position}")
+    if degree == num_nodes - 1:
+        return tuple(j for j in range(num_nodes) if j != position)
+    if not (2 <= degree < num_nodes - 1 and degree % 2 == 0):
+        raise SecAggError(
+            f"degree must be even in 2..{num_nodes - 2} or equal to num_nodes - 1 = {num_nodes - 1}, "
+            f"got {degree}"
+        )
+    half = degree // 2
+    return tuple(sorted({(position + d) % num_nodes for d in range(-half, half + 1) if d != 0}))
+
+
 def _hypergeometric_sf(k: int, population: int, marked: int, draws: int) -> float:
     """``P[X >= k]`` for ``X`` the marked items among ``draws`` drawn without replacement."""
     total = math.comb(population, draws)

@@ -2,7 +2,8 @@
 
 Bell, Bonawitz, Gascón, Lepoint, Raykova, "Secure Single-Server Aggregation with
 (Poly)Logarithmic Overhead", CCS 2020, semi-honest server. The cohort of ``n`` clients sits
-at positions ``0..n-1`` of the ``k``-regular Harary graph (:func:`~fedge.secagg.graph.harary_graph`);
+at positions ``0..n-1`` of the ``k``-regular Harary graph (:func:`~fedge.secagg.graph.harary_graph`;
+one row of it: :func:`~fedge.secagg.graph.harary_neighbors`);
 ``N(u)`` is position ``u``'s neighbours. Four stages, each one exchange through the server:
 
 1. **advertise keys** (:meth:`ClientRound.advertise`): two fresh X25519 key pairs per round,
@@ -57,7 +58,7 @@ import numpy as np
 
 from fedge.secagg import crypto, masking, shamir
 from fedge.secagg.errors import SecAggError
-from fedge.secagg.graph import harary_graph
+from fedge.secagg.graph import harary_neighbors
 
 __all__ = [
     "STAGE_ADVERTISE",
@@ -97,9 +98,9 @@ class SecAggAbortError(SecAggError):
     """The round cannot produce the sum (too few holders of a needed secret); nothing more is revealed."""
 
 
-@functools.lru_cache(maxsize=16)
-def _graph(degree: int, num_clients: int) -> tuple[tuple[int, ...], ...]:
-    return harary_graph(degree, num_clients)
+@functools.lru_cache(maxsize=65536)
+def _neighbors(degree: int, num_clients: int, position: int) -> tuple[int, ...]:
+    return harary_neighbors(degree, num_clients, position)
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class RoundParams:
             raise SecAggError(f"server_round must be in 0..2**32-1, got {self.server_round}")
         if not 2 <= self.num_clients <= MAX_CLIENTS:
             raise SecAggError(f"a SecAgg cohort needs 2..{MAX_CLIENTS} clients, got {self.num_clients}")
-        _graph(self.degree, self.num_clients)  # validates the degree
+        _neighbors(self.degree, self.num_clients, 0)  # validates the degree
         if not self.degree // 2 + 1 <= self.threshold <= self.degree:
             raise SecAggError(
                 f"threshold must be in {self.degree // 2 + 1}..{self.degree} for degree {self.degree} "
@@ -148,7 +149,7 @@ class RoundParams:
     def neighbors(self, position: int) -> tuple[int, ...]:
         """``N(position)``, sorted."""
         self.check_position(position)
-        return _graph(self.degree, self.num_clients)[position]
+        return _neighbors(self.degree, self.num_clients, position)
 
     def check_position(self, position: int) -> None:
         """Refuse a position outside the cohort."""

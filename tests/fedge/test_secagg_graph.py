@@ -121,3 +121,22 @@ def test_finder_refuses_impossible_targets() -> None:
         find_graph_parameters(100, 1.0)
     with pytest.raises(SecAggError, match="at least 2"):
         find_graph_parameters(1, 0.0)
+
+
+@pytest.mark.parametrize(("degree", "num_nodes"), [(2, 5), (4, 10), (6, 9), (22, 100), (4, 5), (9, 10)])
+def test_one_row_equals_the_whole_graphs_row(degree: int, num_nodes: int) -> None:
+    from fedge.secagg.graph import harary_neighbors
+
+    graph = harary_graph(degree, num_nodes)
+    assert [harary_neighbors(degree, num_nodes, i) for i in range(num_nodes)] == list(graph)
+
+
+def test_one_row_of_a_huge_graph_is_cheap_and_bad_rows_are_refused() -> None:
+    from fedge.secagg.graph import harary_neighbors
+
+    # A message naming 65,535 clients costs a client its own row only.
+    assert harary_neighbors(22, 65_535, 0) == (*range(1, 12), *range(65_524, 65_535))
+    with pytest.raises(SecAggError, match="position"):
+        harary_neighbors(4, 10, 10)
+    with pytest.raises(SecAggError, match="even"):
+        harary_neighbors(3, 10, 0)
