@@ -232,7 +232,6 @@ def engine_rounds(
     num_clients: int, num_params: int, drop_fraction: float, seed: int, repeats: int
 ) -> dict[str, Any]:
     """Interleaved rounds of every configuration of :data:`CONFIGS` on one inline grid."""
-    logging.getLogger("fedge").setLevel(logging.ERROR)
     run_config = {"seed": seed, "num-clients": num_clients, "drop-fraction": drop_fraction}
     initial = numpy_to_arrays({TENSOR: np.zeros(num_params, dtype=np.float32)})
     out: dict[str, Any] = {}
@@ -444,7 +443,6 @@ def accuracy(seeds: list[int], rounds: int) -> dict[str, Any]:
     """MNIST with and without secure aggregation, per seed (same seed, same cohorts)."""
     from fedge.simulation.runner import simulate
 
-    logging.getLogger("fedge").setLevel(logging.ERROR)
     per_seed = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
@@ -551,6 +549,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("set FEDGE_DATA_DIR to the shared datasets folder (make bench does)")
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    logging.getLogger("fedge").setLevel(logging.ERROR)  # the run's own warnings (simulated dropouts)
     report: dict[str, Any] = {}
     if not args.accuracy:
         report.update(compare(args.num_clients, args.num_params, args.drop_fraction, args.seed, args.repeats))

@@ -253,7 +253,7 @@ CHANGED = {
     "downlink": "fp16",
     "secagg": True,
     "secagg-bits": 4,
-    "secagg-clip": 0.2,
+    "secagg-clip": 0.1,
     "secagg-neighbors": 2,
     "secagg-threshold": 2,
     "secagg-max-dropout": 0.3,
