@@ -333,7 +333,8 @@ def protocol_timings(
     server = ServerRound(params)
     server.receive_keys({u: c.advertise() for u, c in enumerate(clients)})
     lists = server.key_lists()
-    server.receive_shares({u: clients[u].share_keys(lists[u]) for u in range(num_clients)})
+    shares = {u: clients[u].share_keys(lists[u]) for u in range(num_clients)}
+    server.receive_shares(shares, {u: clients[u].self_mask_commitment for u in range(num_clients)})
     forwarded = server.forward()
     dropped = {int(u) for u in rng.choice(num_clients, round(drop_fraction * num_clients), replace=False)}
     survivors = [u for u in range(num_clients) if u not in dropped]

@@ -164,6 +164,9 @@ class UpdatePipeline:
         )
 
     def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        forget = getattr(self.mask, "forget_stale", None)
+        if forget is not None:
+            forget(msg, context)  # an unfinished secure round's secrets go now
         if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN or not msg.has_content():
             return call_next(msg, context)
         secure: SecureStage | None = None

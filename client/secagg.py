@@ -12,8 +12,9 @@ and acts only on messages that carry a ``secagg`` record (:mod:`fedge.secagg_wir
 
 The round's secrets (key pairs, self-mask seed, the shares held for neighbours) live in the
 client's ``Context.state`` under :data:`fedge.secagg_wire.STATE_KEY` between the four
-messages, and are deleted when the round ends or a new one starts; fedge's simulation never
-writes that record to disk (:mod:`fedge.simulation.client_state`). Secret bytes come from
+messages, and are deleted when the round ends, fails, a new one starts, or any other message
+arrives (:meth:`SecAggStage.forget_stale`); fedge's simulation never writes that record to
+disk (:mod:`fedge.simulation.client_state`). Secret bytes come from
 the operating system (:class:`fedge.rng.OsSecretSource`).
 """
 
@@ -71,6 +72,16 @@ class SecAggStage:
         """Whether ``msg`` is a SecAgg+ message."""
         return secagg_record(msg) is not None
 
+    def forget_stale(self, msg: Message, context: Context) -> None:
+        """Delete an unfinished round's secrets when a message of anything else arrives.
+
+        A round that aborted before the unmask stage, or dropped this client after its
+        masked input, never sends it another secure message: its keys, seed and held shares
+        go with the next message (evaluation, a plain round), not with the next secure round.
+        """
+        if not self.applies(msg):
+            self._forget(context)
+
     # -- state ------------------------------------------------------------------------------
     def _load(self, context: Context, server_round: int) -> ClientRound:
         record = context.state.config_records.get(wire.STATE_KEY)
@@ -127,7 +138,11 @@ class SecAggStage:
                     dict(zip(positions, zip(c_keys, s_keys, strict=True), strict=True))
                 )
                 order = sorted(shares)
-                out = {"positions": order, "ciphertexts": [shares[v] for v in order]}
+                out = {
+                    "positions": order,
+                    "ciphertexts": [shares[v] for v in order],
+                    "commitment": client.self_mask_commitment,
+                }
             else:
                 client = self._load(context, server_round)
                 high = client.params.num_clients - 1

@@ -31,6 +31,7 @@ stage (client -> server)   key                 value
 1                          c-key, s-key         32 bytes each
 2                          positions,           list of int, list of 168-byte ciphertexts,
                            ciphertexts          one per neighbour that advertised
+                           commitment           32 bytes, SHA-256 commitment to ``b_u``
 3                          masked               ``ceil(D * m / 8)`` bytes: the masked vector,
                                                 element ``i`` at stream bits ``i*m .. i*m+m-1``,
                                                 least significant bit first

@@ -137,6 +137,13 @@ class _SecureRound:
 
     # -- the round --------------------------------------------------------------------------
     def run(self) -> Exchange:
+        """The round's exchange; a protocol error the stages did not pin on one client aborts it."""
+        try:
+            return self._run()
+        except SecAggError as err:
+            return self._abort(str(err))
+
+    def _run(self) -> Exchange:
         n = len(self.messages)
         if n != len(self.sent):
             raise ValueError("a secure round needs one message per client")
@@ -161,7 +168,7 @@ class _SecureRound:
         perm = self.owner.permutation(n)
         self.node_of = {perm[i]: node for i, node in enumerate(order)}
         self.position_of = {node: pos for pos, node in self.node_of.items()}
-        self.server = ServerRound(params)
+        self.server = ServerRound(params, min_survivors=cfg.min_replies(n))
         self.drop_stage = 0
         self.drop_set: set[int] = set()
         if cfg.secagg_drop_fraction > 0:
@@ -210,10 +217,13 @@ class _SecureRound:
         )
         keys = {}
         for pos, rec in replies.items():
-            keys[pos] = (
-                wire.get_bytes(rec, "c-key", crypto.KEY_BYTES),
-                wire.get_bytes(rec, "s-key", crypto.KEY_BYTES),
-            )
+            try:
+                keys[pos] = (
+                    wire.get_bytes(rec, "c-key", crypto.KEY_BYTES),
+                    wire.get_bytes(rec, "s-key", crypto.KEY_BYTES),
+                )
+            except SecAggError as err:
+                self._drop(pos, STAGE_ADVERTISE, str(err))
         self._refused(self.server.receive_keys(keys), STAGE_ADVERTISE)
         self._simulate_drop(STAGE_ADVERTISE)
 
@@ -233,15 +243,17 @@ class _SecureRound:
             )
         replies = self._exchange(STAGE_SHARE_KEYS, out)
         shares: dict[int, dict[int, bytes]] = {}
+        commitments: dict[int, bytes] = {}
         for pos, rec in replies.items():
             try:
                 positions = wire.get_int_list(rec, "positions", n - 1)
                 cts = wire.get_bytes_list(rec, "ciphertexts", len(positions), ciphertext_bytes())
+                commitments[pos] = wire.get_bytes(rec, "commitment", crypto.COMMITMENT_BYTES)
             except SecAggError as err:
                 self._drop(pos, STAGE_SHARE_KEYS, str(err))
                 continue
             shares[pos] = dict(zip(positions, cts, strict=True))
-        self._refused(self.server.receive_shares(shares), STAGE_SHARE_KEYS)
+        self._refused(self.server.receive_shares(shares, commitments), STAGE_SHARE_KEYS)
         self._simulate_drop(STAGE_SHARE_KEYS)
 
         # 3. masked input (the training message)

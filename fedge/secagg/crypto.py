@@ -34,6 +34,8 @@ MAX_PRG_BITS = 62
 # double as a mask seed (the two come from different key pairs anyway; this is defence in depth).
 INFO_SHARE_KEY = b"fedge/secagg/v1/share-encryption-key"
 INFO_MASK_SEED = b"fedge/secagg/v1/pairwise-mask-seed"
+INFO_SEED_COMMITMENT = b"fedge/secagg/v1/self-mask-commitment"
+COMMITMENT_BYTES = 32
 
 # associated_data layout: magic, server_round (u32), stage (u32), sender (u64), receiver (u64),
 # little-endian, 28 bytes. Sender and receiver are u64 so they can carry Flower node ids.
@@ -164,6 +166,23 @@ def associated_data(sender: int, receiver: int, server_round: int, stage: int) -
         if not 0 <= value < 1 << bits:
             raise SecAggError(f"{name} must be in 0..2**{bits} - 1, got {value}")
     return _AD.pack(AD_MAGIC, server_round, stage, sender, receiver)
+
+
+def commit_seed(seed: bytes, server_round: int, position: int) -> bytes:
+    """SHA-256 commitment to a self-mask seed.
+
+    ``SHA-256(INFO_SEED_COMMITMENT || server_round u32 LE || position u32 LE || seed)``.
+
+    A client sends it with its shares, so the server can check the seed it rebuilds from
+    ``t`` shares: a holder that altered its share makes the round abort instead of giving a
+    wrong sum. The seed is 256 uniform bits, so the digest reveals nothing usable about it.
+    """
+    _require_bytes("a self-mask seed", seed, KEY_BYTES)
+    if not (0 <= server_round < 1 << 32 and 0 <= position < 1 << 32):
+        raise SecAggError("server_round and position must fit 32 bits")
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(INFO_SEED_COMMITMENT + struct.pack("<II", server_round, position) + bytes(seed))
+    return digest.finalize()
 
 
 def encrypt_share(key: bytes, plaintext: bytes, associated_data: bytes, nonce: bytes) -> bytes:

@@ -41,8 +41,14 @@ wrong length or with set padding bits, a masked-with list that names a client wh
 never got, revealed shares of the wrong kind or for a client it holds none of. A client that
 fails a check is dropped from the round, with the reason, exactly as if it had gone offline.
 Two clients whose masked-with lists disagree about their shared edge (one masked, the other
-did not: only a tampered share causes it) cannot both stay: the one that masked is dropped, so
-its masks are removed through its rebuilt key.
+refused its share) cannot both stay: the one that masked (the share's sender) is dropped, and
+its masks are removed through its rebuilt key. (A malicious client could claim to refuse valid
+shares and so evict up to ``k - t`` neighbours: like choosing its own input, that is a
+malicious-client power outside the semi-honest model.) Each client commits to its self-mask
+seed with its shares (:func:`~fedge.secagg.crypto.commit_seed`), and each rebuilt mask key must match the
+advertised public key, so a holder that alters a share makes the round abort rather than
+return a wrong sum. A malicious client can still choose its own input freely (any value in
+the field): input validation inside the field is out of scope.
 
 Randomness: every secret (key pairs, ``b_u``, polynomial coefficients, nonces) comes from the
 ``random_bytes`` callable given to :class:`ClientRound` (``os.urandom`` in production).
@@ -87,6 +93,9 @@ STAGE_NAMES = {
 # The plaintext a client encrypts for one neighbour: its b-share then its s-share.
 _PLAINTEXT_BYTES = 2 * shamir.SHARE_BYTES
 MAX_CLIENTS = shamir.MAX_SHARES
+#: The most neighbours a client accepts (each costs two agreements, a share pair, a mask):
+#: a message naming more is refused, so no server message makes a client's work unbounded.
+MAX_DEGREE = 1024
 
 
 def ciphertext_bytes() -> int:
@@ -187,6 +196,11 @@ class ClientRound:
 
     def __init__(self, params: RoundParams, position: int, random_bytes: Callable[[int], bytes]) -> None:
         params.check_position(position)
+        if params.degree > MAX_DEGREE:
+            raise SecAggError(
+                f"a round of degree {params.degree} would cost this client {params.degree} key agreements "
+                f"and shares; at most {MAX_DEGREE} are accepted"
+            )
         self.params = params
         self.position = position
         self._random_bytes = random_bytes
@@ -261,6 +275,13 @@ class ClientRound:
             out[v] = crypto.encrypt_share(key, plaintext, ad, self._random_bytes(crypto.NONCE_BYTES))
         self.stage = STAGE_MASKED_INPUT
         return out
+
+    @property
+    def self_mask_commitment(self) -> bytes:
+        """:func:`~fedge.secagg.crypto.commit_seed` of ``b_u``, sent with the shares."""
+        if self._self_seed is None:
+            raise SecAggError("the self-mask seed is drawn in the share-keys stage")
+        return crypto.commit_seed(self._self_seed, self.params.server_round, self.position)
 
     # -- stage 3 ---------------------------------------------------------------------------
     def masked_input(
@@ -447,6 +468,7 @@ class _ServerClient:
     sent_to: frozenset[int] = frozenset()
     ciphertexts: dict[int, bytes] = field(default_factory=dict)
     masked_with: frozenset[int] = frozenset()
+    commitment: bytes = b""
 
 
 class ServerRound:
@@ -459,8 +481,11 @@ class ServerRound:
     :meth:`receive_unmask`, :meth:`result`.
     """
 
-    def __init__(self, params: RoundParams) -> None:
+    def __init__(self, params: RoundParams, min_survivors: int = 1) -> None:
         self.params = params
+        #: Fewer masked inputs than this and the round aborts before anything is revealed
+        #: (the loop's ``min-reply-fraction``: a sum the loop would throw away is never unmasked).
+        self.min_survivors = max(1, int(min_survivors))
         self._clients: dict[int, _ServerClient] = {}
         self.u1: set[int] = set()
         self.u2: set[int] = set()
@@ -519,13 +544,20 @@ class ServerRound:
         }
 
     # -- stage 2 ---------------------------------------------------------------------------
-    def receive_shares(self, shares: Mapping[int, Mapping[int, bytes]]) -> dict[int, str]:
-        """Keep the clients that sent one well-formed ciphertext to each neighbour in ``U1``."""
+    def receive_shares(
+        self, shares: Mapping[int, Mapping[int, bytes]], commitments: Mapping[int, bytes]
+    ) -> dict[int, str]:
+        """Keep the clients that sent one well-formed ciphertext to each neighbour in ``U1``,
+        and a 32-byte commitment to their self-mask seed (:attr:`ClientRound.self_mask_commitment`)."""
         refused: dict[int, str] = {}
         size = ciphertext_bytes()
         for u in sorted(shares):
             if u not in self.u1:
                 refused[u] = "sent shares without having advertised keys"
+                continue
+            commitment = commitments.get(u)
+            if not isinstance(commitment, bytes) or len(commitment) != crypto.COMMITMENT_BYTES:
+                refused[u] = f"its self-mask commitment is not {crypto.COMMITMENT_BYTES} bytes"
                 continue
             expected = set(self.params.neighbors(u)) & self.u1
             got = shares[u]
@@ -537,6 +569,7 @@ class ServerRound:
                 continue
             self._clients[u].sent_to = frozenset(got)
             self._clients[u].ciphertexts = dict(got)
+            self._clients[u].commitment = commitment
             self.u2.add(u)
         self._prune(self.u2, lambda u: self._clients[u].sent_to & self.u2, refused, "shared keys")
         self._note(refused, STAGE_SHARE_KEYS)
@@ -582,16 +615,17 @@ class ServerRound:
             self._clients[u].masked_with = frozenset(listed)
             self.u3.add(u)
         # An edge masked on one side only cannot cancel between two survivors: the client that
-        # masked toward a neighbour that did not mask back is dropped, and its masks removed
-        # through its rebuilt key (its vector leaves the sum).
+        # masked toward a neighbour that did not mask back is dropped (the sender of a share its
+        # receiver refused: a share that fails authentication drops its sender), and its masks
+        # are removed through its rebuilt key (its vector leaves the sum).
         lopsided = {
-            u
-            for u in self.u3
-            for v in self._clients[u].masked_with
+            u: f"masked toward position {v}, a neighbour that did not accept its shares"
+            for u in sorted(self.u3)
+            for v in sorted(self._clients[u].masked_with)
             if v in self.u3 and u not in self._clients[v].masked_with
         }
-        for u in sorted(lopsided):
-            refused[u] = "masked toward a neighbour that did not accept its shares"
+        for u, reason in lopsided.items():
+            refused[u] = reason
             total -= masking.unpack(inputs[u][0], p.vector_length, p.field_bits)
             self.u3.discard(u)
         self._sum = total
@@ -610,6 +644,11 @@ class ServerRound:
         t = self.params.threshold
         if not self.u3:
             raise SecAggAbortError("no client sent a valid masked input")
+        if len(self.u3) < self.min_survivors:
+            raise SecAggAbortError(
+                f"only {len(self.u3)} masked inputs are valid, fewer than the {self.min_survivors} the round "
+                "needs; the round is aborted before anything is revealed"
+            )
         dropped = self.u2 - self.u3
         needed = {v for v in dropped if any(v in self._clients[u].masked_with for u in self.u3)}
         for secret_of in sorted(self.u3 | needed):
@@ -671,7 +710,15 @@ class ServerRound:
         """
         assert self._sum is not None, "receive_masked first"
         p = self.params
-        self_seeds = [self._rebuild(self._b_shares.get(u, {}), u, "self-mask seed") for u in sorted(self.u3)]
+        self_seeds = []
+        for u in sorted(self.u3):
+            seed = self._rebuild(self._b_shares.get(u, {}), u, "self-mask seed")
+            if crypto.commit_seed(seed, p.server_round, u) != self._clients[u].commitment:
+                raise SecAggAbortError(
+                    f"the self-mask shares of position {u} do not rebuild the seed it committed to "
+                    "(a holder altered its share)"
+                )
+            self_seeds.append(seed)
         pair_seeds: dict[tuple[int, int], bytes] = {}
         for v in sorted(self._dropped_needed):
             secret = self._rebuild(self._s_shares.get(v, {}), v, "mask key")

@@ -76,6 +76,7 @@ def run_round(
     hooks: Mapping[str, Hook] | None = None,
     restore_at: Collection[int] = (),
     levels: np.ndarray | None = None,
+    min_survivors: int = 1,
 ) -> Outcome:
     """Run one round.
 
@@ -94,7 +95,7 @@ def run_round(
         assert high >= 1
         levels = np.random.default_rng(seed + 10**6).integers(0, high, size=(n, d), dtype=np.uint64)
     clients = {u: ClientRound(params, u, source.random_bytes) for u in range(n)}
-    server = ServerRound(params)
+    server = ServerRound(params, min_survivors=min_survivors)
     out = Outcome(params, server, clients, levels)
 
     def through(name: str, messages: dict[int, Any]) -> dict[int, Any]:
@@ -126,7 +127,8 @@ def run_round(
     out.sent["key_lists"] = lists = through("key_lists", server.key_lists())
     shares = replies_of(2, lists, lambda c, msg: c.share_keys(msg))
     out.received["shares"] = shares = through("shares", shares)
-    out.refused["shares"] = server.receive_shares(shares)
+    commitments = {u: clients[u].self_mask_commitment for u in shares}
+    out.refused["shares"] = server.receive_shares(shares, commitments)
 
     out.sent["forward"] = fwd = through("forward", server.forward())
     masked = replies_of(3, fwd, lambda c, msg: c.masked_input(msg, levels[c.position]))
@@ -738,7 +740,7 @@ def test_out_of_order_messages_are_refused() -> None:
     with pytest.raises(SecAggError, match="out of order"):
         client.advertise()
     server = ServerRound(params)
-    refused = server.receive_shares({0: {}})
+    refused = server.receive_shares({0: {}}, {0: bytes(32)})
     assert "without having advertised" in refused[0]
 
 
@@ -841,3 +843,72 @@ def test_keys_from_outside_the_cohort_and_late_senders_are_refused() -> None:
     server = ServerRound(H6)
     assert "without having shared keys" in server.receive_masked({0: (b"", ())})[0]
     assert "without being a survivor" in server.receive_unmask({0: UnmaskReply({}, {})})[0]
+
+
+# -- found in review --------------------------------------------------------------------------
+def test_an_altered_share_with_exactly_t_holders_aborts_instead_of_a_wrong_sum() -> None:
+    # K4 (k = 3 = t): client 0's self-mask seed has exactly t holders, so no second
+    # reconstruction can cross-check it. Holder 3 shifts its share so that the rebuilt seed
+    # is b_0 + 1, a valid 32-byte value: only the seed commitment can catch it.
+    params = params_of(4, 3, 3, m=10, d=50)
+    xs = [2, 3, 4]  # holders 1, 2, 3 -> share indices
+    lam = 1
+    for x in xs[:2]:
+        lam = lam * x * pow(x - 4, -1, shamir.PRIME) % shamir.PRIME  # Lagrange coefficient of x = 4 at 0
+
+    def shift(replies: dict[int, UnmaskReply], _out: Outcome) -> dict[int, UnmaskReply]:
+        r = replies[3]
+        share = shamir.decode_share(r.self_mask_shares[0])
+        moved = shamir.Share(share.index, (share.value + pow(lam, -1, shamir.PRIME)) % shamir.PRIME)
+        replies[3] = replace(r, self_mask_shares={**r.self_mask_shares, 0: shamir.encode_share(moved)})
+        return replies
+
+    out = run_round(params, seed=61, hooks={"replies": shift})
+    assert isinstance(out.abort, SecAggAbortError) and out.abort_stage == "result"
+    assert "committed to" in str(out.abort) and "position 0" in str(out.abort)
+    assert out.total is None
+    # The control: the same shift without a commitment check would have rebuilt b_0 + 1.
+    honest = out.clients[0].export()["self-seed"]
+    assert isinstance(honest, bytes)
+    rebuilt = shamir.reconstruct(
+        [
+            shamir.decode_share(r.self_mask_shares[0])
+            for _, r in sorted(out.received["replies"].items())
+            if 0 in r.self_mask_shares
+        ],
+        3,
+    )
+    assert int.from_bytes(rebuilt, "little") == int.from_bytes(honest, "little") + 1
+
+
+def test_a_round_below_the_loops_minimum_aborts_before_any_share_is_revealed() -> None:
+    # 0 and 5 drop after share-keys: 8 masked inputs, but the round needs 9.
+    out = run_round(H4, seed=62, last_stage={0: 2, 5: 2}, min_survivors=9)
+    assert isinstance(out.abort, SecAggAbortError) and out.abort_stage == "requests"
+    assert "fewer than the 9" in str(out.abort)
+    assert out.server.transcript == [] and "replies" not in out.received
+    # With a minimum of 8 the same round sums exactly.
+    assert_exact(run_round(H4, seed=62, last_stage={0: 2, 5: 2}, min_survivors=8), set(range(10)) - {0, 5})
+
+
+def test_a_client_refuses_a_degree_beyond_its_cap() -> None:
+    from fedge.secagg.protocol import MAX_DEGREE
+
+    params = RoundParams(1, 3000, MAX_DEGREE + 2, MAX_DEGREE // 2 + 2, 16, 10)
+    with pytest.raises(SecAggError, match=f"at most {MAX_DEGREE}"):
+        ClientRound(params, 0, SeededSecretSource(np.random.default_rng(63)).random_bytes)
+
+
+def test_shares_without_a_valid_commitment_are_refused() -> None:
+    params = H4
+    source = SeededSecretSource(np.random.default_rng(64))
+    clients = {u: ClientRound(params, u, source.random_bytes) for u in range(params.num_clients)}
+    server = ServerRound(params)
+    server.receive_keys({u: c.advertise() for u, c in clients.items()})
+    lists = server.key_lists()
+    shares = {u: clients[u].share_keys(lists[u]) for u in clients}
+    commitments = {u: clients[u].self_mask_commitment for u in clients}
+    del commitments[1]  # two positions far apart: each neighbour keeps t = 3 others
+    commitments[6] = commitments[6][:31]
+    refused = server.receive_shares(shares, commitments)
+    assert set(refused) == {1, 6} and all("commitment" in r for r in refused.values())

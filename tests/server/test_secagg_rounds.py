@@ -365,13 +365,16 @@ MALICIOUS_NODE = FIRST_NODE_ID  # partition 0 (secaggapps.MALICIOUS)
         (
             "tampered_ciphertext_app",
             "masked-input",
-            "masked toward a neighbour that did not accept its shares",
+            "masked toward position",
         ),
         ("short_masked_vector_app", "masked-input", "secagg field 'masked' must be"),
         ("wrong_stage_app", "share-keys", "the reply is for stage 3, not 2"),
         ("extra_records_app", "masked-input", "the reply carries records besides its secagg record"),
         ("small_order_key_app", "advertise-keys", "the X25519 public key is a point of small order"),
         ("error_reply_app", "share-keys", "error reply: RuntimeError: simulated client failure"),
+        # Found in review: a malformed key once ended the whole run.
+        ("short_key_app", "advertise-keys", "secagg field 'c-key' must be 32 bytes, got 31 bytes"),
+        ("no_commitment_app", "share-keys", "secagg message lacks 'commitment'"),
     ],
     ids=[
         "tampered-ciphertext",
@@ -380,6 +383,8 @@ MALICIOUS_NODE = FIRST_NODE_ID  # partition 0 (secaggapps.MALICIOUS)
         "extra-records",
         "small-order-key",
         "error-reply",
+        "short-key",
+        "no-commitment",
     ],
 )
 def test_a_malicious_client_is_dropped_and_the_others_sum_exactly(
@@ -450,7 +455,7 @@ def test_fedges_real_client_app_with_a_malicious_mod(
     assert (row["aggregated"], row["clients"], row["dropped"]) == (True, N - 1, 1)
     assert row["secagg"]["clients_in_sum"] == N - 1
     assert row["secagg"]["dropped_per_stage"] == {"masked-input": 1}
-    assert f"client {MALICIOUS_NODE} dropped at secagg masked-input: masked toward a neighbour" in caplog.text
+    assert f"client {MALICIOUS_NODE} dropped at secagg masked-input: masked toward position" in caplog.text
 
 
 # --- 5. metrics -------------------------------------------------------------------------------

@@ -93,6 +93,14 @@ def _small_order_key(reply: Message, msg: Message) -> Message:
     return _rewrite(reply, msg, lambda v: v.__setitem__("c-key", crypto._SMALL_ORDER_POINTS[0]))
 
 
+def _short_key(reply: Message, msg: Message) -> Message:
+    return _rewrite(reply, msg, lambda v: v.__setitem__("c-key", bytes(v["c-key"])[:31]))  # type: ignore[arg-type]
+
+
+def _no_commitment(reply: Message, msg: Message) -> Message:
+    return _rewrite(reply, msg, lambda v: v.pop("commitment"))
+
+
 def _error_reply(reply: Message, msg: Message) -> Message:
     raise RuntimeError("simulated client failure in the share-keys stage")
 
@@ -104,6 +112,8 @@ ATTACKS: dict[str, Mod] = {
     "extra-records": attack(3, _extra_record),
     "small-order-key": attack(1, _small_order_key),
     "error-reply": attack(2, _error_reply),
+    "short-key": attack(1, _short_key),
+    "no-commitment": attack(2, _no_commitment),
 }
 
 honest_app = _pipeline_app()
@@ -113,6 +123,8 @@ wrong_stage_app = _pipeline_app(ATTACKS["wrong-stage"])
 extra_records_app = _pipeline_app(ATTACKS["extra-records"])
 small_order_key_app = _pipeline_app(ATTACKS["small-order-key"])
 error_reply_app = _pipeline_app(ATTACKS["error-reply"])
+short_key_app = _pipeline_app(ATTACKS["short-key"])
+no_commitment_app = _pipeline_app(ATTACKS["no-commitment"])
 
 # fedge's real ClientApp (real training) with a malicious mod on one partition.
 real_tampered_ciphertext_app = make_client_app(mods=[ATTACKS["tampered-ciphertext"]])
