@@ -101,6 +101,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="install even if the release is not newer than the installed one (an explicit rollback)",
     )
     infer.set_defaults(func=_cmd_infer)
+
+    privacy = sub.add_parser("privacy", help="differential-privacy budgets (user-level DP-FedAvg)")
+    privacy_sub = privacy.add_subparsers(dest="privacy_command", required=True, parser_class=_Parser)
+    cal = privacy_sub.add_parser(
+        "calibrate",
+        help="the noise multiplier that meets a target epsilon",
+        description=(
+            "The smallest noise multiplier z (noise std z * C on the sum of updates clipped to C) "
+            "whose epsilon at --delta after --rounds sampled Gaussian rounds is at most "
+            "--target-epsilon, by dp_accounting's RDP or PLD accountant."
+        ),
+    )
+    cal.add_argument("--target-epsilon", required=True, type=float, metavar="E")
+    cal.add_argument("--delta", required=True, type=float, metavar="D", help="in (0, 1)")
+    cal.add_argument("--rounds", required=True, type=int, metavar="R", help="rounds of training (>= 1)")
+    cal.add_argument(
+        "--sample-rate",
+        type=float,
+        metavar="Q",
+        help="Poisson probability of a client joining a round, in (0, 1] (fixed: cohort/population)",
+    )
+    cal.add_argument("--accountant", choices=("rdp", "pld"), default="rdp", help="default: rdp")
+    cal.add_argument(
+        "--client-sampling",
+        choices=("poisson", "fixed"),
+        default="poisson",
+        help="poisson (add/remove a client) or fixed cohorts without replacement (replace a client)",
+    )
+    cal.add_argument("--population", type=int, metavar="N", help="fixed sampling: number of clients")
+    cal.add_argument("--cohort", type=int, metavar="M", help="fixed sampling: clients a round")
+    cal.add_argument("--json", action="store_true", help="print a JSON object instead of a sentence")
+    cal.set_defaults(func=_cmd_privacy_calibrate)
     return parser
 
 
@@ -255,6 +287,114 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             print(" ".join(str(int(c)) for c in predictions))
         if args.benchmark:
             print(json.dumps(runtime.benchmark(), indent=2))
+    return 0
+
+
+def _privacy_arguments(args: argparse.Namespace) -> tuple[float | None, int | None, int | None]:
+    """Check ``fedge privacy calibrate``'s flags; return (sample_rate, population, cohort) for calibrate."""
+    import math
+
+    eps, delta, rounds = args.target_epsilon, args.delta, args.rounds
+    if not (math.isfinite(eps) and eps > 0):
+        raise ConfigError(f"--target-epsilon must be a finite number > 0, got {eps:g}")
+    if not 0.0 < delta < 1.0:
+        raise ConfigError(f"--delta must be in (0, 1), got {delta:g}; e.g. --delta 1e-5")
+    if rounds < 1:
+        raise ConfigError(f"--rounds must be a whole number >= 1, got {rounds}")
+    q, population, cohort = args.sample_rate, args.population, args.cohort
+    if q is not None and not 0.0 < q <= 1.0:
+        raise ConfigError(f"--sample-rate must be in (0, 1], got {q:g}")
+    if args.client_sampling == "poisson":
+        if population is not None or cohort is not None:
+            raise ConfigError(
+                "poisson sampling takes --sample-rate only; drop --population and --cohort "
+                "(or pass --client-sampling fixed)"
+            )
+        if q is None:
+            raise ConfigError("poisson sampling needs --sample-rate Q in (0, 1]")
+        return q, None, None
+    if args.accountant == "pld":
+        raise ConfigError(
+            "the PLD accountant (dp_accounting) does not support fixed-size sampling without "
+            "replacement; use --accountant rdp, or --client-sampling poisson"
+        )
+    if population is None or cohort is None:
+        raise ConfigError("fixed sampling needs --population N and --cohort M (sample rate M/N)")
+    if not 1 <= cohort <= population:
+        raise ConfigError(
+            f"fixed sampling needs 1 <= --cohort <= --population, got --cohort {cohort} "
+            f"--population {population}"
+        )
+    if q is not None and not math.isclose(q, cohort / population, rel_tol=1e-9):
+        raise ConfigError(
+            f"--sample-rate {q:g} is not --cohort/--population = {cohort}/{population} = "
+            f"{cohort / population:g}; drop --sample-rate for fixed sampling"
+        )
+    return None, population, cohort
+
+
+def _round_up(value: float, digits: int = 6) -> tuple[float, str]:
+    """``value`` rounded up to ``digits`` significant digits (a larger noise multiplier is safe)."""
+    import math
+
+    decimals = max(0, digits - 1 - math.floor(math.log10(value)))
+    text = f"{math.ceil(value * 10**decimals) / 10**decimals:.{decimals}f}"
+    return float(text), text
+
+
+def _cmd_privacy_calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    from fedge.privacy import PrivacyAccountant, calibrate
+
+    sample_rate, population, cohort = _privacy_arguments(args)
+    kind, sampling = args.accountant, args.client_sampling
+    try:
+        z = calibrate(
+            args.target_epsilon,
+            args.delta,
+            args.rounds,
+            sample_rate,
+            kind=kind,
+            sampling=sampling,
+            population=population,
+            cohort=cohort,
+        )
+    except ValueError as err:  # no multiplier reaches the target, or a config calibrate refuses
+        raise ConfigError(str(err)) from None
+    # The printed multiplier is rounded up, so it still meets the target; the epsilon shown is
+    # the one of the printed multiplier (JSON keeps the full float).
+    shown, text = (z, repr(z)) if args.json else _round_up(z)
+    accountant = PrivacyAccountant(kind, sampling, shown, sample_rate, population, cohort)
+    accountant.step(args.rounds)
+    epsilon = accountant.epsilon(args.delta)
+    if sample_rate is not None:
+        q = sample_rate
+    else:
+        assert population is not None and cohort is not None
+        q = cohort / population
+    if args.json:
+        record = {
+            "noise_multiplier": z,
+            "epsilon": epsilon,
+            "delta": args.delta,
+            "rounds": args.rounds,
+            "sample_rate": q,
+            "sampling": sampling,
+            "accountant": kind,
+            "population": population,
+            "cohort": cohort,
+        }
+        print(json.dumps(record))
+        return 0
+    how = (
+        "poisson sampling" if sampling == "poisson" else f"fixed sampling of {cohort} of {population} clients"
+    )
+    print(
+        f"noise multiplier {text} meets epsilon {args.target_epsilon:g} at delta {args.delta:g} "
+        f"over {args.rounds} rounds (sample rate {q:g}, {how}, {kind.upper()} accountant from "
+        f"dp_accounting): epsilon {epsilon:.6g}"
+    )
     return 0
 
 
