@@ -26,6 +26,7 @@ from fedge.models import build_model
 from fedge.records import (
     ARRAYS_KEY,
     BATCH_SIZE,
+    CLIP_NORM,
     CODEC,
     CONFIG_KEY,
     DATA_SEED,
@@ -62,7 +63,7 @@ from fedge.training import DivergenceError, evaluate, train_local
 KNOWN_CONFIG_KEYS = frozenset(
     {
         SERVER_ROUND, LR, MOMENTUM, LOCAL_EPOCHS, LOCAL_STEPS, BATCH_SIZE, GRAD_CLIP_NORM, PROXIMAL_MU, SEED,
-        CODEC, ERROR_FEEDBACK, ROTATION_SEED,
+        CODEC, ERROR_FEEDBACK, ROTATION_SEED, CLIP_NORM,
         DATASET, PARTITION, NUM_PARTITIONS, DATA_SEED, MODEL, LOCAL_TEST_FRACTION,
         ONNX_FP32, ONNX_INT8, CANDIDATE_MANIFEST, CANDIDATE_SIGNATURE,
     }

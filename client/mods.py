@@ -18,6 +18,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedge.client.pipeline import UpdatePipeline, client_key, codec_seed
+from fedge.client.privacy import ClipStage
 from fedge.client.secagg import SecAggStage
 from fedge.records import with_content
 from fedge.update_records import has_fp16, to_fp32
@@ -36,8 +37,8 @@ def fp16_downlink_mod(msg: Message, context: Context, call_next: ClientAppCallab
     return call_next(with_content(msg, content), context)
 
 
-#: The update pipeline: compression and error feedback, and SecAgg+ masking in the rounds
-#: that ask for it (no clip or noise stage yet).
-compression_mod = UpdatePipeline(mask=SecAggStage())
+#: The update pipeline: compression and error feedback, and in the rounds that ask for them
+#: DP clipping (``clip-norm``) and SecAgg+ masking (no noise stage yet).
+compression_mod = UpdatePipeline(clip=ClipStage(), mask=SecAggStage())
 
 __all__ = ["client_key", "codec_seed", "compression_mod", "fp16_downlink_mod"]

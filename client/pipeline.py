@@ -125,6 +125,15 @@ def _flat(key: str, name: str) -> str:
     return name if key == ARRAYS_KEY else f"{key}/{name}"
 
 
+def _active(stage: object, msg: Message) -> bool:
+    """Whether ``stage`` runs on ``msg``: installed, and unconditional or applying to it."""
+    if stage is None:
+        return False
+    if not getattr(stage, "conditional", False):
+        return True
+    return bool(stage.applies(msg))  # type: ignore[attr-defined]
+
+
 class UpdatePipeline:
     """The update pipeline as one Flower mod (``(msg, context, call_next) -> reply``).
 
@@ -181,7 +190,9 @@ class UpdatePipeline:
                     return control  # a key stage: no training
             else:
                 mask = None
-        has_stages = any(stage is not None for stage in (self.clip, self.noise, mask))
+        clip = self.clip if _active(self.clip, msg) else None
+        noise = self.noise if _active(self.noise, msg) else None
+        has_stages = any(stage is not None for stage in (clip, noise, mask))
         round_cfg = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
         codec_text = round_cfg.get(CODEC)
         if codec_text is None and not has_stages:
@@ -253,8 +264,8 @@ class UpdatePipeline:
                 for k, tensors in updates.items()
             }
         # 3. clip
-        if self.clip is not None:
-            updates = self.clip(updates, stage_ctx)
+        if clip is not None:
+            updates = clip(updates, stage_ctx)
         # 4. encode (the residual keeps what the codec dropped from the clipped update)
         rng = np.random.default_rng(codec_seed(seed, stage_ctx.server_round, client_key(context)))
         if secure is not None:
@@ -283,8 +294,8 @@ class UpdatePipeline:
                 arrays[name] = Array(dtype="float32", shape=tuple(ref.shape), stype=CODEC_STYPE, data=payload)
             encoded[key] = ArrayRecord(arrays)
         # 5. noise, 6. mask
-        if self.noise is not None:
-            encoded = self.noise(encoded, stage_ctx)
+        if noise is not None:
+            encoded = noise(encoded, stage_ctx)
         if mask is not None:
             encoded = mask(encoded, stage_ctx)
         if residual is not None:

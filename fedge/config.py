@@ -46,6 +46,9 @@ STRATEGY_NAMES: tuple[str, ...] = (
 )
 
 
+DP_MODES: tuple[str, ...] = ("none", "central")
+CLIENT_SAMPLINGS: tuple[str, ...] = ("fixed", "poisson")
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "pld")
 # Strategies that need every client's update (no secure aggregation, no DP).
 PER_CLIENT_STRATEGIES: tuple[str, ...] = ("fedmedian", "fedtrimmedavg", "krum")
 SECAGG_DROP_STAGES: tuple[str, ...] = ("advertise-keys", "share-keys", "masked-input")
@@ -168,6 +171,25 @@ class RunConfig:
     secagg_drop_stage : str
         After which stage those clients drop: ``advertise-keys``, ``share-keys`` or
         ``masked-input``.
+    dp : str
+        Differential privacy: ``none``, or ``central`` (user-level DP with a trusted server:
+        clients clip their update to ``clip-norm``, the server re-clips what it decoded, adds
+        Gaussian noise of std ``noise-multiplier * clip-norm`` to the sum and divides by the
+        expected cohort, before the strategy's server optimizer; :mod:`fedge.server.privacy`).
+    clip_norm : float
+        ``C``, the L2 bound of each client's update (all its tensors together), > 0.
+    noise_multiplier : float
+        ``z``: the noise on the sum has std ``z * C``; > 0.
+    target_delta : float
+        The ``delta`` at which every round reports epsilon, in (0, 1).
+    target_epsilon : float
+        A privacy budget: the round that would push epsilon past it is not run (the run ends
+        with status 0 and says so); 0 means no budget.
+    accountant : str
+        ``rdp`` or ``pld`` (both from ``dp_accounting``; PLD only with Poisson sampling).
+    client_sampling : str
+        ``fixed`` (``clients-per-round`` drawn without replacement) or ``poisson`` (each client
+        independently with probability ``clients-per-round / num-clients``).
     out_dir : str
         Parent folder of run folders; a run writes ``out_dir/run_name/``.
     run_name : str
@@ -231,6 +253,13 @@ class RunConfig:
     secagg_max_dropout: float = 0.1
     secagg_drop_fraction: float = 0.0
     secagg_drop_stage: str = "share-keys"
+    dp: str = "none"
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    target_delta: float = 1e-5
+    target_epsilon: float = 0.0
+    accountant: str = "rdp"
+    client_sampling: str = "fixed"
     out_dir: str = "runs"
     run_name: str = field(default="")
     export_every: str = "final"
@@ -333,6 +362,7 @@ class RunConfig:
             "with BITS >= 2, or set error-feedback = false",
         )
         self._check_secagg(codec)
+        self._check_privacy()
         _check(
             self.downlink in DOWNLINKS,
             f"unknown downlink {self.downlink!r}; choose one of: {', '.join(DOWNLINKS)}",
@@ -410,6 +440,50 @@ class RunConfig:
             f"got clients-per-round = {self.clients_per_round}",
         )
         self.secagg_graph()
+
+    def _check_privacy(self) -> None:
+        _check(self.dp in DP_MODES, f"unknown dp {self.dp!r}; choose one of: {', '.join(DP_MODES)}")
+        _check(
+            self.client_sampling in CLIENT_SAMPLINGS,
+            f"unknown client-sampling {self.client_sampling!r}; choose one of: {', '.join(CLIENT_SAMPLINGS)}",
+        )
+        _check(
+            self.accountant in ACCOUNTANTS,
+            f"unknown accountant {self.accountant!r}; choose one of: {', '.join(ACCOUNTANTS)}",
+        )
+        _check(self.clip_norm > 0, f"clip-norm must be a number > 0, got {self.clip_norm}")
+        _check(
+            self.noise_multiplier > 0,
+            f"noise-multiplier must be a number > 0, got {self.noise_multiplier} "
+            "(fedge privacy calibrate prints the one that meets a budget)",
+        )
+        _check(0 < self.target_delta < 1, f"target-delta must be in (0, 1), got {self.target_delta}")
+        _check(
+            self.target_epsilon >= 0,
+            f"target-epsilon must be >= 0 (0: no budget), got {self.target_epsilon}",
+        )
+        if self.dp == "none":
+            return
+        _check(
+            self.strategy not in PER_CLIENT_STRATEGIES,
+            f"strategy {self.strategy!r} cannot run with differential privacy: its aggregation (a median, a "
+            "trimmed mean or Krum's choice) is not the noised sum the accountant covers; use fedavg, "
+            "fedavgm, fedprox, fedadam, fedyogi or fedadagrad, or set dp = none",
+        )
+        _check(
+            not self.secagg,
+            "dp = central adds the noise on the server, which must then see the clipped updates; "
+            "with secagg = true use distributed DP (not available yet) or set secagg = false",
+        )
+        _check(
+            not (self.accountant == "pld" and self.client_sampling == "fixed"),
+            "the PLD accountant covers Poisson sampling only; "
+            "set client-sampling = poisson or accountant = rdp",
+        )
+
+    def sample_rate(self) -> float:
+        """``q = clients-per-round / num-clients``: Poisson sampling's rate, fixed sampling's fraction."""
+        return self.clients_per_round / self.num_clients
 
     def secagg_graph(self) -> tuple[int, int]:
         """``(k, t)``: neighbours and Shamir threshold of a cohort of ``clients-per-round``.

@@ -54,6 +54,8 @@ LOCAL_TEST_FRACTION = "local-test-fraction"
 CODEC = "codec"
 ERROR_FEEDBACK = "error-feedback"
 ROTATION_SEED = "rotation-seed"
+# Differential privacy: the L2 bound of a client's update (dp = central).
+CLIP_NORM = "clip-norm"
 
 
 def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:

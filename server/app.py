@@ -109,6 +109,10 @@ def run_federation(
         items = getattr(hook, "summary_items", None)
         if items is not None:
             extra.update(items())
+    if loop.privacy is not None:
+        extra["privacy"] = loop.privacy.report()
+    if loop.stop_reason is not None:
+        extra["stopped"] = loop.stop_reason
     summary = write_outputs(
         run_dir, cfg, history, arrays_to_numpy(loop.arrays), time.perf_counter() - started_at, extra
     )

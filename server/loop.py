@@ -37,6 +37,7 @@ from fedge.aggregation import Aggregate, Dropped, add_update, sum_updates
 from fedge.config import RunConfig
 from fedge.records import (
     ARRAYS_KEY,
+    CLIP_NORM,
     CODEC,
     ERROR_FEEDBACK,
     METRICS_KEY,
@@ -59,6 +60,7 @@ from fedge.server.checkpoint import (
     write_atomic,
 )
 from fedge.server.checks import INTERNAL_ERROR, CheckedUpdate, check_evaluation, check_update
+from fedge.server.privacy import CentralDP
 from fedge.server.secagg import SecAggTransport
 from fedge.server.transport import (
     EVALUATE,
@@ -69,6 +71,7 @@ from fedge.server.transport import (
     RoundContext,
     SampledGrid,
     Transport,
+    poisson_sample,
     sample_clients,
     wait_for_nodes,
 )
@@ -81,6 +84,7 @@ log = logging.getLogger("fedge.server")
 METRICS_FILE = "metrics.jsonl"
 LOOP_COMPONENT = "loop"
 TRANSPORT_COMPONENT = "transport"
+ACCOUNTANT_COMPONENT = "accountant"
 
 # Keys a resumed run may change, and why each cannot make it differ from the
 # uninterrupted run. Every other key (the data, the model, the strategy, training and
@@ -99,6 +103,7 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "export-calibration-samples": "exports read the model, never change it",
     "export-federated-eval": "exports read the model, never change it",
     "signing-key": "exports read the model, never change it",
+    "target-epsilon": "a budget: the rounds already run keep their accounting; it decides whether more run",
 }
 
 EvaluateFn = Callable[[ArrayRecord], EvalResult]
@@ -144,6 +149,8 @@ class RoundRecord:
     federated_accuracy: float | None = None
     # Secure aggregation: clients in the sum, dropped per stage, bytes per stage up and down.
     secagg: dict[str, Any] | None = None
+    # Differential privacy: epsilon so far at target-delta, and how it was accounted.
+    privacy: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (NaN, which JSON lacks, becomes null)."""
@@ -252,6 +259,7 @@ class RoundLoop:
         components: Mapping[str, Stateful] | None = None,
         train_settings: Mapping[str, int | float] | None = None,
         max_examples: int | None = None,
+        privacy: CentralDP | None = None,
     ) -> None:
         self.cfg = cfg
         self.strategy = strategy
@@ -266,9 +274,16 @@ class RoundLoop:
         if transport is None:
             transport = SecAggTransport(cfg, self.max_examples) if cfg.secagg else PlainTransport()
         self.transport: Transport = transport
+        if privacy is None and cfg.dp == "central":
+            privacy = CentralDP(cfg)
+        self.privacy = privacy
+        #: Why the run stopped before ``num-rounds`` (a spent privacy budget), else ``None``.
+        self.stop_reason: str | None = None
         self.mean_stages = list(mean_stages)
         self.components = dict(components or {})
-        reserved = {LOOP_COMPONENT, STRATEGY_COMPONENT, TRANSPORT_COMPONENT} & set(self.components)
+        reserved = {LOOP_COMPONENT, STRATEGY_COMPONENT, TRANSPORT_COMPONENT, ACCOUNTANT_COMPONENT} & set(
+            self.components
+        )
         if reserved:
             raise ValueError(f"component names {sorted(reserved)} are the loop's own")
         if not self.transport.per_client and not self.info.linear:
@@ -303,6 +318,8 @@ class RoundLoop:
         parts: dict[str, Any] = {LOOP_COMPONENT: self}
         if callable(getattr(self.transport, "state_dict", None)):
             parts[TRANSPORT_COMPONENT] = self.transport
+        if self.privacy is not None:
+            parts[ACCOUNTANT_COMPONENT] = self.privacy
         parts.update(self.components)
         return parts
 
@@ -380,9 +397,21 @@ class RoundLoop:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         federation = Federation(grid, self.transport, self.cfg.round_timeout_s)
         first = self.last_round + 1
+        if self.privacy is not None:
+            self.privacy.check_first_round()
         for hook in self.hooks:
             hook.on_start(first, self.cfg.num_rounds)
         for server_round in range(first, self.cfg.num_rounds + 1):
+            if self.privacy is not None:
+                allowed, after = self.privacy.budget_allows_next_round()
+                if not allowed:
+                    self.stop_reason = (
+                        f"privacy budget: round {server_round} would bring epsilon to {after:.4g}, past "
+                        f"target-epsilon {self.cfg.target_epsilon} (delta {self.privacy.delta:g}); "
+                        f"stopped after round {server_round - 1} with epsilon {self.privacy.epsilon():.4g}"
+                    )
+                    log.warning("%s", self.stop_reason)
+                    break
             record = self.run_round(grid, server_round)
             log.info(
                 "round %d/%d: accuracy %.4f, loss %.4f, %d/%d clients, %d B up, %d B down, %.2f s",
@@ -430,6 +459,8 @@ class RoundLoop:
             record[CODEC] = str(cfg.codec())
             record[ERROR_FEEDBACK] = cfg.error_feedback
             record[ROTATION_SEED] = round_rotation_seed(cfg.seed, server_round)
+        if self.privacy is not None:
+            record[CLIP_NORM] = self.privacy.clip_norm  # the client's clip stage bounds what it sends
         return record
 
     def _downlink(self, messages: list[Message]) -> list[Message]:
@@ -501,6 +532,8 @@ class RoundLoop:
                     "round %d: the aggregate is not finite; keeping the previous global model", server_round
                 )
                 return None
+            if self.privacy is not None:
+                aggregate = self.privacy.privatize(server_round, aggregate)
             mean = aggregate.mean()
             for stage in self.mean_stages:
                 mean = stage(server_round, mean)
@@ -577,11 +610,18 @@ class RoundLoop:
         """One round of training (and evaluation) starting from ``self.arrays``."""
         cfg = self.cfg
         start = time.perf_counter()
-        node_ids = wait_for_nodes(grid, cfg.clients_per_round, cfg.round_timeout_s)
-        sampled = sample_clients(node_ids, cfg.clients_per_round, cfg.seed, server_round)
+        if cfg.client_sampling == "poisson":
+            # Each of the num-clients clients with probability q: the population must be there.
+            node_ids = wait_for_nodes(grid, cfg.num_clients, cfg.round_timeout_s)
+            sampled = poisson_sample(node_ids, cfg.sample_rate(), cfg.seed, server_round)
+        else:
+            node_ids = wait_for_nodes(grid, cfg.clients_per_round, cfg.round_timeout_s)
+            sampled = sample_clients(node_ids, cfg.clients_per_round, cfg.seed, server_round)
         config = self._round_config(server_round)
-        messages = list(
-            self.strategy.configure_train(server_round, self.arrays, config, SampledGrid(grid, sampled))
+        messages = (
+            list(self.strategy.configure_train(server_round, self.arrays, config, SampledGrid(grid, sampled)))
+            if sampled
+            else []  # Poisson sampling drew nobody: the round runs with no client
         )
         for message in messages:
             # Flower's strategies leave it empty; engines and logs group a round's messages by it.
@@ -603,8 +643,13 @@ class RoundLoop:
             bytes_down = sum(payload_bytes(m.content) for m in messages)
 
         checked, dropped = self._check_replies(server_round, exchange, references)
-        if exchange.aggregate is None and self.info.linear:
+        if exchange.aggregate is None and self.info.linear and self.privacy is not None:
+            # Central DP: every decoded update clipped to C, weight 1 each (sensitivity C).
             aggregate: Aggregate | None = sum_updates(
+                [self.privacy.clip(u.updates) for u in checked], [1.0] * len(checked), dropped
+            )
+        elif exchange.aggregate is None and self.info.linear:
+            aggregate = sum_updates(
                 [u.updates for u in checked], [float(u.num_examples) for u in checked], dropped
             )
         else:
@@ -627,6 +672,13 @@ class RoundLoop:
         aggregated = new_arrays is not None
         if new_arrays is not None:
             self.arrays = new_arrays
+        privacy = None
+        if self.privacy is not None:
+            # Counted whether or not it aggregated: its clients were asked, so the analysis
+            # must assume the release.
+            self.privacy.step()
+            privacy = self.privacy.report()
+            self.privacy.reclipped = 0
 
         federated_accuracy = (
             self._federated_evaluate(grid, server_round, node_ids) if cfg.fraction_evaluate > 0 else None
@@ -647,6 +699,7 @@ class RoundLoop:
             train_loss=_weighted_mean(losses),
             federated_accuracy=federated_accuracy,
             secagg=exchange.stats.get("secagg"),
+            privacy=privacy,
         )
 
     def _federated_evaluate(self, grid: Grid, server_round: int, node_ids: list[int]) -> float | None:

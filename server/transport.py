@@ -176,6 +176,26 @@ def sample_clients(
     return sorted(pool[int(i)] for i in rng.choice(len(pool), size=num, replace=False))
 
 
+def poisson_sample(
+    node_ids: Iterable[int],
+    rate: float,
+    seed: int,
+    server_round: int,
+    stream: Stream = Stream.CLIENT_SAMPLING,
+) -> list[int]:
+    """Each node independently with probability ``rate`` (Poisson sampling), from the named stream.
+
+    The cohort's size varies round to round (it may be empty); the privacy accountant's
+    amplification by Poisson sampling assumes exactly this draw.
+    """
+    if not 0 < rate <= 1:
+        raise ValueError(f"a Poisson sampling rate must be in (0, 1], got {rate}")
+    pool = sorted(node_ids)
+    rng = stream_rng(seed, stream, server_round)
+    keep = rng.random(len(pool)) < rate
+    return [node for node, chosen in zip(pool, keep, strict=True) if chosen]
+
+
 def federation_is_fixed(grid: Grid) -> bool:
     """Whether ``grid``'s nodes all exist from the start (simulations), so waiting adds none.
 
@@ -257,6 +277,7 @@ __all__ = [
     "SampledGrid",
     "Transport",
     "federation_is_fixed",
+    "poisson_sample",
     "sample_clients",
     "wait_for_nodes",
 ]

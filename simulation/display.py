@@ -61,7 +61,10 @@ class RichProgress:
             f"{r.wall_s:.2f}",
         )
         self.rows.append(row)
-        self.progress.console.print(self._line(row), highlight=False)
+        line = self._line(row)
+        if r.privacy is not None:  # dp: the epsilon spent so far, at target-delta
+            line += f"  epsilon {r.privacy['epsilon']:.3f}"
+        self.progress.console.print(line, highlight=False)
         self.progress.advance(self._task)
         if self.progress.finished:
             self.progress.stop()

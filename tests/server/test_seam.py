@@ -259,6 +259,12 @@ CHANGED = {
     "secagg-max-dropout": 0.3,
     "secagg-drop-fraction": 0.1,
     "secagg-drop-stage": "masked-input",
+    "dp": "central",
+    "clip-norm": 0.5,
+    "noise-multiplier": 2.0,
+    "target-delta": 1e-6,
+    "accountant": "pld",
+    "client-sampling": "poisson",
     "registry-dir": "/elsewhere",
 }
 
