@@ -190,6 +190,14 @@ class RunConfig:
     client_sampling : str
         ``fixed`` (``clients-per-round`` drawn without replacement) or ``poisson`` (each client
         independently with probability ``clients-per-round / num-clients``).
+    dp_sgd : bool
+        On-device DP-SGD with Opacus (sample-level privacy of each device's own data),
+        independent of ``dp``.
+    dp_sgd_noise_multiplier, dp_sgd_max_grad_norm : float
+        Opacus's noise multiplier and per-sample gradient clip (both > 0).
+    dp_sgd_target_epsilon : float
+        A device's own budget (its privacy ledger on disk): a device that spent it refuses
+        to train; 0 means no budget.
     out_dir : str
         Parent folder of run folders; a run writes ``out_dir/run_name/``.
     run_name : str
@@ -260,6 +268,10 @@ class RunConfig:
     target_epsilon: float = 0.0
     accountant: str = "rdp"
     client_sampling: str = "fixed"
+    dp_sgd: bool = False
+    dp_sgd_noise_multiplier: float = 1.0
+    dp_sgd_max_grad_norm: float = 1.0
+    dp_sgd_target_epsilon: float = 0.0
     out_dir: str = "runs"
     run_name: str = field(default="")
     export_every: str = "final"
@@ -461,6 +473,18 @@ class RunConfig:
         _check(
             self.target_epsilon >= 0,
             f"target-epsilon must be >= 0 (0: no budget), got {self.target_epsilon}",
+        )
+        _check(
+            self.dp_sgd_noise_multiplier > 0,
+            f"dp-sgd-noise-multiplier must be a number > 0, got {self.dp_sgd_noise_multiplier}",
+        )
+        _check(
+            self.dp_sgd_max_grad_norm > 0,
+            f"dp-sgd-max-grad-norm must be a number > 0, got {self.dp_sgd_max_grad_norm}",
+        )
+        _check(
+            self.dp_sgd_target_epsilon >= 0,
+            f"dp-sgd-target-epsilon must be >= 0 (0: no budget), got {self.dp_sgd_target_epsilon}",
         )
         if self.dp == "none":
             return

@@ -56,6 +56,13 @@ ERROR_FEEDBACK = "error-feedback"
 ROTATION_SEED = "rotation-seed"
 # Differential privacy: the L2 bound of a client's update (dp = central).
 CLIP_NORM = "clip-norm"
+# On-device DP-SGD (Opacus): sent with every training message when dp-sgd = true.
+DP_SGD_NOISE_MULTIPLIER = "dp-sgd-noise-multiplier"
+DP_SGD_MAX_GRAD_NORM = "dp-sgd-max-grad-norm"
+DP_SGD_TARGET_EPSILON = "dp-sgd-target-epsilon"
+DP_SGD_DELTA = "dp-sgd-delta"
+# What a DP-SGD client reports: the epsilon of its own Opacus accountant (this run, at the delta sent).
+DP_SGD_EPSILON = "dp-sgd-epsilon"
 
 
 def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:

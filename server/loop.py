@@ -39,6 +39,10 @@ from fedge.records import (
     ARRAYS_KEY,
     CLIP_NORM,
     CODEC,
+    DP_SGD_DELTA,
+    DP_SGD_MAX_GRAD_NORM,
+    DP_SGD_NOISE_MULTIPLIER,
+    DP_SGD_TARGET_EPSILON,
     ERROR_FEEDBACK,
     METRICS_KEY,
     NUM_EXAMPLES,
@@ -461,6 +465,11 @@ class RoundLoop:
             record[ROTATION_SEED] = round_rotation_seed(cfg.seed, server_round)
         if self.privacy is not None:
             record[CLIP_NORM] = self.privacy.clip_norm  # the client's clip stage bounds what it sends
+        if cfg.dp_sgd:
+            record[DP_SGD_NOISE_MULTIPLIER] = cfg.dp_sgd_noise_multiplier
+            record[DP_SGD_MAX_GRAD_NORM] = cfg.dp_sgd_max_grad_norm
+            record[DP_SGD_TARGET_EPSILON] = cfg.dp_sgd_target_epsilon
+            record[DP_SGD_DELTA] = cfg.target_delta
         return record
 
     def _downlink(self, messages: list[Message]) -> list[Message]:

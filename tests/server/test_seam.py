@@ -265,6 +265,10 @@ CHANGED = {
     "target-delta": 1e-6,
     "accountant": "pld",
     "client-sampling": "poisson",
+    "dp-sgd": True,
+    "dp-sgd-noise-multiplier": 2.0,
+    "dp-sgd-max-grad-norm": 2.0,
+    "dp-sgd-target-epsilon": 5.0,
     "registry-dir": "/elsewhere",
 }
 
