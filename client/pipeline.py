@@ -24,11 +24,11 @@ through unchanged, as from any Flower client.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedge.client.state import load_residual, save_residual
@@ -66,6 +66,8 @@ class StageContext:
     server_round: int
     round_config: ConfigRecord
     context: Context
+    #: Metrics a stage adds to the reply (the clip stage's adaptive-clipping bit).
+    metrics: dict[str, int | float] = field(default_factory=dict)
 
 
 #: ``(updates, stage_context) -> updates``: float32 updates before encoding (``clip``).
@@ -300,7 +302,11 @@ class UpdatePipeline:
             encoded = mask(encoded, stage_ctx)
         if residual is not None:
             save_residual(context, new_residual)
-        return Message(RecordDict({**dict(reply.content), **encoded}), reply_to=msg)
+        content = RecordDict({**dict(reply.content), **encoded})
+        if stage_ctx.metrics:
+            metrics = reply.content.metric_records.get(METRICS_KEY, MetricRecord())
+            content[METRICS_KEY] = MetricRecord({**dict(metrics), **stage_ctx.metrics})
+        return Message(content, reply_to=msg)
 
     def _secure_encode(
         self,

@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Message
 
 from fedge.client.pipeline import StageContext, Updates
 from fedge.privacy import clip_l2
-from fedge.records import CLIP_NORM, CONFIG_KEY
+from fedge.records import CLIP_BELOW, CLIP_NORM, CONFIG_KEY
 
 __all__ = ["ClipStage"]
 
@@ -46,5 +46,7 @@ class ClipStage:
             or not (math.isfinite(value) and value > 0)
         ):
             raise ValueError(f"round config {CLIP_NORM!r} must be a number > 0, got {value!r}")
-        clipped, _ = clip_l2(updates, float(value))
+        clipped, norm = clip_l2(updates, float(value))
+        # Adaptive clipping's bit (Andrew et al. 2021): was the update within the clip?
+        stage_ctx.metrics[CLIP_BELOW] = int(norm <= float(value))
         return clipped

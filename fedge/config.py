@@ -190,6 +190,12 @@ class RunConfig:
     client_sampling : str
         ``fixed`` (``clients-per-round`` drawn without replacement) or ``poisson`` (each client
         independently with probability ``clients-per-round / num-clients``).
+    clip_quantile : float
+        0: fixed clipping at ``clip-norm``. In (0, 1): adaptive clipping (Andrew et al. 2021):
+        ``clip-norm`` is the first round's clip, which then follows this quantile of the
+        clients' update norms through a noised count of who was under it.
+    clip_count_stddev : float
+        ``sigma_b``, the noise on that count; 0 means ``clients-per-round / 20`` (the paper's).
     dp_sgd : bool
         On-device DP-SGD with Opacus (sample-level privacy of each device's own data),
         independent of ``dp``.
@@ -268,6 +274,8 @@ class RunConfig:
     target_epsilon: float = 0.0
     accountant: str = "rdp"
     client_sampling: str = "fixed"
+    clip_quantile: float = 0.0
+    clip_count_stddev: float = 0.0
     dp_sgd: bool = False
     dp_sgd_noise_multiplier: float = 1.0
     dp_sgd_max_grad_norm: float = 1.0
@@ -486,6 +494,14 @@ class RunConfig:
             self.dp_sgd_target_epsilon >= 0,
             f"dp-sgd-target-epsilon must be >= 0 (0: no budget), got {self.dp_sgd_target_epsilon}",
         )
+        _check(
+            0 <= self.clip_quantile < 1,
+            f"clip-quantile must be 0 (fixed clipping) or in (0, 1), got {self.clip_quantile}",
+        )
+        _check(
+            self.clip_count_stddev >= 0,
+            f"clip-count-stddev must be >= 0 (0: clients-per-round / 20), got {self.clip_count_stddev}",
+        )
         if self.dp == "none":
             return
         _check(
@@ -499,11 +515,26 @@ class RunConfig:
             "dp = central adds the noise on the server, which must then see the clipped updates; "
             "with secagg = true use distributed DP (not available yet) or set secagg = false",
         )
+        if self.clip_quantile > 0:
+            from fedge.privacy import sum_noise_multiplier
+
+            try:
+                sum_noise_multiplier(self.noise_multiplier, self.count_noise_std())
+            except ValueError:
+                raise ConfigError(
+                    f"adaptive clipping's noised count (std {self.count_noise_std():g}) would spend all of "
+                    f"noise-multiplier {self.noise_multiplier}; set clip-count-stddev above "
+                    f"{self.noise_multiplier / 2:g}, sample more clients a round, or lower noise-multiplier"
+                ) from None
         _check(
             not (self.accountant == "pld" and self.client_sampling == "fixed"),
             "the PLD accountant covers Poisson sampling only; "
             "set client-sampling = poisson or accountant = rdp",
         )
+
+    def count_noise_std(self) -> float:
+        """``sigma_b`` of adaptive clipping's noised count."""
+        return self.clip_count_stddev or self.clients_per_round / 20
 
     def sample_rate(self) -> float:
         """``q = clients-per-round / num-clients``: Poisson sampling's rate, fixed sampling's fraction."""

@@ -56,6 +56,8 @@ ERROR_FEEDBACK = "error-feedback"
 ROTATION_SEED = "rotation-seed"
 # Differential privacy: the L2 bound of a client's update (dp = central).
 CLIP_NORM = "clip-norm"
+# Adaptive clipping: a client's bit, 1 when its update (residual included) was within the clip.
+CLIP_BELOW = "clip-below"
 # On-device DP-SGD (Opacus): sent with every training message when dp-sgd = true.
 DP_SGD_NOISE_MULTIPLIER = "dp-sgd-noise-multiplier"
 DP_SGD_MAX_GRAD_NORM = "dp-sgd-max-grad-norm"

@@ -37,6 +37,7 @@ from fedge.aggregation import Aggregate, Dropped, add_update, sum_updates
 from fedge.config import RunConfig
 from fedge.records import (
     ARRAYS_KEY,
+    CLIP_BELOW,
     CLIP_NORM,
     CODEC,
     DP_SGD_DELTA,
@@ -685,7 +686,7 @@ class RoundLoop:
         if self.privacy is not None:
             # Counted whether or not it aggregated: its clients were asked, so the analysis
             # must assume the release.
-            self.privacy.step()
+            self.privacy.step(_clip_bits(exchange.replies, {u.node_id for u in checked}))
             privacy = self.privacy.report()
             self.privacy.reclipped = 0
 
@@ -755,6 +756,21 @@ class RoundLoop:
                 history=[asdict(r) for r in self.history],
             ),
         )
+
+
+def _clip_bits(replies: Sequence[Message], nodes: set[int]) -> list[int]:
+    """Adaptive clipping's bits of the clients in the sum: 1 when a client reported its update
+    within the clip; anything else (missing, not 0 or 1) counts as 0. A bit moves the clip
+    by at most one count, which the noised count's privacy accounting covers."""
+    bits: dict[int, int] = {}
+    for reply in replies:
+        node = int(reply.metadata.src_node_id)
+        if node not in nodes or node in bits or not reply.has_content():
+            continue
+        records = list(reply.content.metric_records.values())
+        value = records[0].get(CLIP_BELOW) if len(records) == 1 else None
+        bits[node] = 1 if value == 1 and not isinstance(value, bool) else 0
+    return [bits.get(node, 0) for node in sorted(nodes)]
 
 
 def require_some_round_aggregated(history: Sequence[RoundRecord], internal_errors: int = 0) -> None:

@@ -35,7 +35,7 @@ import numpy as np
 
 from fedge.aggregation import Aggregate
 from fedge.config import ConfigError, RunConfig
-from fedge.privacy import PrivacyAccountant, clip_l2, gaussian_noise
+from fedge.privacy import AdaptiveClip, PrivacyAccountant, clip_l2, gaussian_noise, sum_noise_multiplier
 from fedge.rng import SecretSource, default_secret_source
 
 log = logging.getLogger("fedge.server")
@@ -62,8 +62,18 @@ class CentralDP:
 
     def __init__(self, cfg: RunConfig, source: SecretSource | None = None) -> None:
         self.cfg = cfg
-        self.clip_norm = float(cfg.clip_norm)
         self.noise_multiplier = float(cfg.noise_multiplier)
+        # Adaptive clipping (Andrew et al. 2021): the clip follows a quantile of the norms
+        # through a noised count; the sum's noise grows so that the round's effective noise
+        # multiplier (what the accountant composes) stays noise-multiplier.
+        self.adaptive: AdaptiveClip | None = None
+        self.sum_noise_multiplier = self.noise_multiplier
+        if cfg.clip_quantile > 0:
+            self.adaptive = AdaptiveClip(
+                cfg.clip_norm, cfg.clip_quantile, count_noise_std=cfg.count_noise_std()
+            )
+            self.sum_noise_multiplier = sum_noise_multiplier(self.noise_multiplier, cfg.count_noise_std())
+        self._fixed_clip = float(cfg.clip_norm)
         self.delta = float(cfg.target_delta)
         self.source = source or default_secret_source()
         self.expected_cohort = cfg.clients_per_round
@@ -81,6 +91,11 @@ class CentralDP:
                 cohort=cfg.clients_per_round,
             )
         self.reclipped = 0
+
+    @property
+    def clip_norm(self) -> float:
+        """This round's clip ``C`` (adaptive clipping moves it between rounds)."""
+        return self.adaptive.clip if self.adaptive is not None else self._fixed_clip
 
     # -- budget ---------------------------------------------------------------------------
     def epsilon(self) -> float:
@@ -127,7 +142,7 @@ class CentralDP:
         """
         if not math.isclose(aggregate.total_weight, aggregate.num_clients):
             raise ValueError("central DP needs a sum with weight 1 per client (the loop builds it so)")
-        std = self.noise_multiplier * self.clip_norm
+        std = self.sum_noise_multiplier * self.clip_norm
         noised = {
             record: {
                 name: np.asarray(values, dtype=np.float64)
@@ -138,9 +153,18 @@ class CentralDP:
         }
         return Aggregate(noised, float(self.expected_cohort), aggregate.num_clients, aggregate.dropped)
 
-    def step(self) -> None:
-        """Account one round of the mechanism."""
+    def step(self, clip_bits: list[int] | None = None) -> None:
+        """Account one round of the mechanism; with adaptive clipping, move the clip.
+
+        ``clip_bits`` are the aggregated clients' bits ``1[norm <= C]`` (their count is
+        noised with std ``sigma_b`` before it moves the clip; its privacy cost is inside the
+        effective noise multiplier the accountant composes).
+        """
         self.accountant.step()
+        if self.adaptive is not None:
+            bits = clip_bits or []
+            fraction = self.adaptive.noised_fraction(sum(bits), len(bits), self.expected_cohort, self.source)
+            self.adaptive.update(fraction)
 
     def report(self) -> dict[str, Any]:
         """The round's ``privacy`` entry of ``metrics.jsonl``."""
@@ -150,7 +174,9 @@ class CentralDP:
             "accountant": self.cfg.accountant,
             "sampling": self.cfg.client_sampling,
             "noise_multiplier": self.noise_multiplier,
+            "sum_noise_multiplier": self.sum_noise_multiplier,
             "clip_norm": self.clip_norm,
+            "clip_quantile": self.cfg.clip_quantile,
             "sample_rate": self.cfg.sample_rate(),
             "rounds": self.accountant.rounds,
             "reclipped": self.reclipped,
@@ -158,9 +184,17 @@ class CentralDP:
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
-        """The accountant's state (the events composed so far)."""
-        return self.accountant.state_dict()
+        """The accountant's state (the events composed so far) and the adaptive clip's."""
+        state = dict(self.accountant.state_dict())
+        if self.adaptive is not None:
+            state.update({f"adaptive-clip/{k}": v for k, v in self.adaptive.state_dict().items()})
+        return state
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore the accountant: the resumed run reports exactly the epsilon it had."""
-        self.accountant.load_state_dict(dict(state))
+        prefix = "adaptive-clip/"
+        self.accountant.load_state_dict({k: v for k, v in state.items() if not k.startswith(prefix)})
+        if self.adaptive is not None:
+            self.adaptive.load_state_dict(
+                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            )

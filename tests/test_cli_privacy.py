@@ -213,3 +213,46 @@ def test_calibration_failure_is_a_usage_error(
     assert main(_argv()) == 2
     err = capsys.readouterr().err
     assert err == "fedge: error: no noise multiplier up to 1048576.0 reaches epsilon 1e-09 in 100 rounds\n"
+
+
+# -- the budget stop, end to end through `fedge simulate` --------------------------------------
+SIM = ["--num-clients", "6", "--clients-per-round", "3", "--local-epochs", "1", "--export-every", "off"]
+DP = ["--dp", "central", "--client-sampling", "poisson", "--noise-multiplier", "1.5", "--quiet"]
+
+
+def _epsilon(rounds: int) -> float:
+    accountant = PrivacyAccountant("rdp", "poisson", 1.5, sample_rate=0.5)
+    accountant.step(rounds)
+    return accountant.epsilon(1e-5)
+
+
+def test_simulate_stops_cleanly_at_the_budget(tmp_path: Any) -> None:
+    budget = (_epsilon(2) + _epsilon(3)) / 2
+    run = tmp_path / "run"
+    argv = ["simulate", "--num-rounds", "6", *SIM, *DP, "--target-epsilon", str(budget), "--out", str(run)]
+    assert main(argv) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2
+    assert "round 3 would bring epsilon" in summary["stopped"]
+    assert summary["privacy"]["epsilon"] == pytest.approx(_epsilon(2), rel=1e-9)
+    assert [r["privacy"]["epsilon"] for r in summary["history"]] == pytest.approx([_epsilon(1), _epsilon(2)])
+
+
+def test_simulate_refuses_a_budget_the_first_round_spends(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    argv = [
+        "simulate",
+        "--num-rounds",
+        "2",
+        *SIM,
+        *DP,
+        "--target-epsilon",
+        str(_epsilon(1) / 2),
+        "--out",
+        str(run),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fedge: error: target-epsilon") and "first round alone" in err[-1]

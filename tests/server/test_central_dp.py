@@ -177,3 +177,39 @@ def test_poisson_sampling_is_seeded_and_has_the_rate() -> None:
 def test_bad_privacy_settings_are_refused_with_the_fix(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         RunConfig.from_mapping({**BASE, **overrides})
+
+
+def test_adaptive_clipping_moves_the_clip_toward_the_quantile(tmp_path: Path) -> None:
+    # Every honest_app update (norm < 1) is under the first clip 5, so the noised fraction
+    # below is ~1 and the clip shrinks by exp(-0.2 (b - 0.5)) a round (Andrew et al. 2021).
+    overrides = {
+        "clip-norm": 5.0,
+        "clip-quantile": 0.5,
+        "noise-multiplier": 0.3,
+        "clip-count-stddev": 0.2,
+        "client-sampling": "poisson",
+    }
+    loop = _run(tmp_path, app="secaggapps:honest_app", **overrides)
+    clips = [5.0] + [r.privacy["clip_norm"] for r in loop.history]  # type: ignore[index]
+    for before, after, record in zip(clips, clips[1:], loop.history, strict=False):
+        # b = (count - n/2 + N(0, 0.2^2)) / 4 + 1/2 with count = n (all below): within 5 sigma.
+        n = record.clients
+        low, high = (n / 2 - 1.0) / 4 + 0.5, (n / 2 + 1.0) / 4 + 0.5
+        assert math.exp(-0.2 * (high - 0.5)) <= after / before <= math.exp(-0.2 * (low - 0.5))
+    # The sum's noise is raised so that the accounted (effective) multiplier stays 0.3.
+    privacy = loop.history[-1].privacy
+    assert privacy is not None and privacy["sum_noise_multiplier"] == pytest.approx(
+        (0.3**-2 - 0.4**-2) ** -0.5
+    )
+    assert privacy["epsilon"] == pytest.approx(_reference("poisson", "rdp", 0.3, 3, 1e-5), rel=1e-9)
+    # The clip travels in the checkpoint.
+    assert loop.privacy is not None
+    state = loop.privacy.state_dict()
+    fresh = CentralDP(RunConfig.from_mapping({**BASE, **overrides}))
+    fresh.load_state_dict(state)
+    assert fresh.clip_norm == loop.privacy.clip_norm and fresh.accountant.rounds == 3
+
+
+def test_adaptive_clipping_that_would_spend_the_whole_noise_is_refused() -> None:
+    with pytest.raises(ConfigError, match="would spend all of noise-multiplier"):
+        RunConfig.from_mapping({**BASE, "clip-quantile": 0.5})  # sigma_b = 4 / 20: 2 sigma_b < 1.1
