@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from flwr.common.constant import ErrorCode
 
+from fedge.client.ledger import LedgerEntry, LedgerError, load_ledger, save_ledger
 from fedge.client.mods import compression_mod, fp16_downlink_mod
 from fedge.client.settings import ClientSettings, resolve_settings, warn_unknown_keys
 from fedge.config import AUTO, RunConfig
@@ -31,6 +32,11 @@ from fedge.records import (
     CONFIG_KEY,
     DATA_SEED,
     DATASET,
+    DP_SGD_DELTA,
+    DP_SGD_EPSILON,
+    DP_SGD_MAX_GRAD_NORM,
+    DP_SGD_NOISE_MULTIPLIER,
+    DP_SGD_TARGET_EPSILON,
     ERROR_FEEDBACK,
     EVAL_ACCURACY,
     EVAL_LOSS,
@@ -57,7 +63,7 @@ from fedge.records import (
     model_to_arrays,
 )
 from fedge.rng import Stream, stream_seed
-from fedge.training import DivergenceError, evaluate, train_local
+from fedge.training import DivergenceError, TrainResult, dp_sgd_plan, evaluate, train_local, train_local_dp
 
 # Every round-config key this client reads; anything else is ignored with one warning.
 KNOWN_CONFIG_KEYS = frozenset(
@@ -66,6 +72,7 @@ KNOWN_CONFIG_KEYS = frozenset(
         CODEC, ERROR_FEEDBACK, ROTATION_SEED, CLIP_NORM,
         DATASET, PARTITION, NUM_PARTITIONS, DATA_SEED, MODEL, LOCAL_TEST_FRACTION,
         ONNX_FP32, ONNX_INT8, CANDIDATE_MANIFEST, CANDIDATE_SIGNATURE,
+        DP_SGD_NOISE_MULTIPLIER, DP_SGD_MAX_GRAD_NORM, DP_SGD_TARGET_EPSILON, DP_SGD_DELTA,
     }
 )  # fmt: skip
 
@@ -134,6 +141,17 @@ def _setting(record: ConfigRecord, key: str, resolved: float) -> float:
     return resolved if record.get(key) == AUTO else _number(record, key, resolved)
 
 
+def _error(msg: Message, reason: str) -> Message:
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+def _dp_sgd_number(record: ConfigRecord, key: str, *, default: float | None = None) -> float:
+    value = record.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"round config {key!r} must be a number >= 0 with dp-sgd, got {value!r}")
+    return float(value)
+
+
 def _handle_train(fallback: RunConfig | None, msg: Message, context: Context) -> Message:
     cfg, pid = client_config(msg, context, fallback)
     data = client_data(cfg)
@@ -144,30 +162,120 @@ def _handle_train(fallback: RunConfig | None, msg: Message, context: Context) ->
     server_round = _required_int(round_cfg, SERVER_ROUND)
     seed = int(_number(round_cfg, SEED, cfg.seed))  # the run seed; the data seed is the same
     local = cfg.training(data.spec)
+    epochs = int(_setting(round_cfg, LOCAL_EPOCHS, local.local_epochs))
+    batch_size = int(_setting(round_cfg, BATCH_SIZE, local.batch_size))
+    lr = float(_setting(round_cfg, LR, local.lr))
+    momentum = float(_number(round_cfg, MOMENTUM, cfg.momentum))
+    proximal_mu = float(_number(round_cfg, PROXIMAL_MU, 0.0))
+    max_steps = int(_setting(round_cfg, LOCAL_STEPS, local.local_steps))
+    extra: dict[str, float] = {}
     try:
-        result = train_local(
-            model,
-            x,
-            y,
-            epochs=int(_setting(round_cfg, LOCAL_EPOCHS, local.local_epochs)),
-            batch_size=int(_setting(round_cfg, BATCH_SIZE, local.batch_size)),
-            lr=float(_setting(round_cfg, LR, local.lr)),
-            momentum=float(_number(round_cfg, MOMENTUM, cfg.momentum)),
-            proximal_mu=float(_number(round_cfg, PROXIMAL_MU, 0.0)),
-            max_steps=int(_setting(round_cfg, LOCAL_STEPS, local.local_steps)),
-            grad_clip_norm=float(_setting(round_cfg, GRAD_CLIP_NORM, local.grad_clip_norm)),
-            generator=torch.Generator().manual_seed(client_seed(seed, server_round, pid)),
-        )
-    except DivergenceError as err:
+        if DP_SGD_NOISE_MULTIPLIER in round_cfg:
+            result: TrainResult
+            try:
+                result, epsilon = _train_dp_sgd(
+                    context, round_cfg, model, x, y, server_round,
+                    epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                    proximal_mu=proximal_mu, max_steps=max_steps,
+                )  # fmt: skip
+            except ValueError as err:  # bad dp-sgd settings: one line to the server, not a traceback
+                return _error(msg, str(err))
+            extra[DP_SGD_EPSILON] = epsilon
+        else:
+            result = train_local(
+                model,
+                x,
+                y,
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                momentum=momentum,
+                proximal_mu=proximal_mu,
+                max_steps=max_steps,
+                grad_clip_norm=float(_setting(round_cfg, GRAD_CLIP_NORM, local.grad_clip_norm)),
+                generator=torch.Generator().manual_seed(client_seed(seed, server_round, pid)),
+            )
+    except (DivergenceError, LedgerError, _BudgetSpentError) as err:
         # Expected with a too-high lr, not a bug: the reply says why, and carries no weights.
-        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(err)), reply_to=msg)
+        # A spent DP-SGD budget or an untrustworthy ledger: this device does not train.
+        return _error(msg, str(err))
     content = RecordDict(
         {
             ARRAYS_KEY: model_to_arrays(model),
-            METRICS_KEY: MetricRecord({NUM_EXAMPLES: result.num_examples, TRAIN_LOSS: result.train_loss}),
+            METRICS_KEY: MetricRecord(
+                {NUM_EXAMPLES: result.num_examples, TRAIN_LOSS: result.train_loss, **extra}
+            ),
         }
     )
     return Message(content, reply_to=msg)
+
+
+class _BudgetSpentError(RuntimeError):
+    """This device's DP-SGD budget would be exceeded by the call asked for."""
+
+
+def _train_dp_sgd(
+    context: Context,
+    round_cfg: ConfigRecord,
+    model: torch.nn.Module,
+    x: object,
+    y: object,
+    server_round: int,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    proximal_mu: float,
+    max_steps: int,
+) -> tuple[TrainResult, float]:
+    """DP-SGD under the device's ledger (:mod:`fedge.client.ledger`); the result and the
+    device's total epsilon. ``grad-clip-norm`` is not used: per-sample clipping replaces it.
+
+    Raises
+    ------
+    _BudgetSpentError
+        ``dp-sgd-target-epsilon > 0`` and the ledger's composition with this call's planned
+        steps would exceed it; nothing is trained or recorded.
+    LedgerError
+        The ledger file cannot be trusted.
+    ValueError
+        Bad DP-SGD settings, FedProx (its proximal term's gradient is not per-sample and
+        Opacus would drop it), or a model Opacus cannot train.
+    """
+    import numpy as np
+
+    noise_multiplier = _dp_sgd_number(round_cfg, DP_SGD_NOISE_MULTIPLIER)
+    max_grad_norm = _dp_sgd_number(round_cfg, DP_SGD_MAX_GRAD_NORM)
+    target = _dp_sgd_number(round_cfg, DP_SGD_TARGET_EPSILON, default=0.0)
+    delta = _dp_sgd_number(round_cfg, DP_SGD_DELTA)
+    if proximal_mu > 0:
+        raise ValueError("dp-sgd does not support FedProx's proximal term; set proximal-mu = 0")
+    if not (noise_multiplier > 0 and max_grad_norm > 0 and 0 < delta < 1):
+        raise ValueError(
+            f"dp-sgd needs {DP_SGD_NOISE_MULTIPLIER} > 0, {DP_SGD_MAX_GRAD_NORM} > 0 "
+            f"and {DP_SGD_DELTA} in (0, 1); "
+            f"got {noise_multiplier}, {max_grad_norm}, {delta}"
+        )
+    labels = np.asarray(y)
+    plan = dp_sgd_plan(len(labels), epochs=epochs, batch_size=batch_size, max_steps=max_steps)
+    ledger = load_ledger(context)
+    entry = LedgerEntry(noise_multiplier, plan.sample_rate, plan.steps, int(context.run_id), server_round)
+    after = ledger.epsilon_with([entry], delta)
+    if target > 0 and after > target:
+        raise _BudgetSpentError(
+            f"dp-sgd privacy budget of this device is spent: this round's {plan.steps} steps would take "
+            f"its epsilon from {ledger.epsilon_with([], delta):.4g} to {after:.4g} > "
+            f"dp-sgd-target-epsilon {target:g} at delta {delta:g} ({len(ledger.entries)} calls recorded)"
+        )
+    # Recorded before training: a call that fails halfway has still spent its noise.
+    recorded = ledger.recorded(entry, delta)
+    save_ledger(context, recorded)
+    result = train_local_dp(
+        model, x, labels, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, delta=delta, max_steps=max_steps,
+    )  # fmt: skip
+    return result, recorded.epsilon
 
 
 def _handle_evaluate(fallback: RunConfig | None, msg: Message, context: Context) -> Message:
