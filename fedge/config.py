@@ -495,6 +495,11 @@ class RunConfig:
             f"dp-sgd-target-epsilon must be >= 0 (0: no budget), got {self.dp_sgd_target_epsilon}",
         )
         _check(
+            not (self.dp_sgd and (self.strategy == "fedprox" or self.proximal_mu > 0)),
+            "dp-sgd cannot train FedProx's proximal term (Opacus's per-sample gradients leave it out); "
+            "use another strategy with proximal-mu = 0, or set dp-sgd = false",
+        )
+        _check(
             0 <= self.clip_quantile < 1,
             f"clip-quantile must be 0 (fixed clipping) or in (0, 1), got {self.clip_quantile}",
         )

@@ -63,7 +63,8 @@ DP_SGD_NOISE_MULTIPLIER = "dp-sgd-noise-multiplier"
 DP_SGD_MAX_GRAD_NORM = "dp-sgd-max-grad-norm"
 DP_SGD_TARGET_EPSILON = "dp-sgd-target-epsilon"
 DP_SGD_DELTA = "dp-sgd-delta"
-# What a DP-SGD client reports: the epsilon of its own Opacus accountant (this run, at the delta sent).
+# What a DP-SGD client reports: its device's total epsilon, from its privacy ledger (every
+# DP-SGD call it ever recorded, composed with Opacus's RDP accountant, at the delta sent).
 DP_SGD_EPSILON = "dp-sgd-epsilon"
 
 

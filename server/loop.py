@@ -41,6 +41,7 @@ from fedge.records import (
     CLIP_NORM,
     CODEC,
     DP_SGD_DELTA,
+    DP_SGD_EPSILON,
     DP_SGD_MAX_GRAD_NORM,
     DP_SGD_NOISE_MULTIPLIER,
     DP_SGD_TARGET_EPSILON,
@@ -689,6 +690,10 @@ class RoundLoop:
             self.privacy.step(_clip_bits(exchange.replies, {u.node_id for u in checked}))
             privacy = self.privacy.report()
             self.privacy.reclipped = 0
+        if cfg.dp_sgd:
+            # Each device's own (sample-level) epsilon, as its ledger reports it.
+            device = _reported(exchange.replies, {u.node_id for u in checked}, DP_SGD_EPSILON)
+            privacy = {**(privacy or {}), "dp_sgd_epsilon_max": max(device) if device else None}
 
         federated_accuracy = (
             self._federated_evaluate(grid, server_round, node_ids) if cfg.fraction_evaluate > 0 else None
@@ -771,6 +776,25 @@ def _clip_bits(replies: Sequence[Message], nodes: set[int]) -> list[int]:
         value = records[0].get(CLIP_BELOW) if len(records) == 1 else None
         bits[node] = 1 if value == 1 and not isinstance(value, bool) else 0
     return [bits.get(node, 0) for node in sorted(nodes)]
+
+
+def _reported(replies: Sequence[Message], nodes: set[int], key: str) -> list[float]:
+    """The finite, non-negative values of metric ``key`` the clients in ``nodes`` reported."""
+    values: dict[int, float] = {}
+    for reply in replies:
+        node = int(reply.metadata.src_node_id)
+        if node not in nodes or node in values or not reply.has_content():
+            continue
+        records = list(reply.content.metric_records.values())
+        value = records[0].get(key) if len(records) == 1 else None
+        if (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value >= 0
+        ):
+            values[node] = float(value)
+    return [values[n] for n in sorted(values)]
 
 
 def require_some_round_aggregated(history: Sequence[RoundRecord], internal_errors: int = 0) -> None:

@@ -213,3 +213,17 @@ def test_adaptive_clipping_moves_the_clip_toward_the_quantile(tmp_path: Path) ->
 def test_adaptive_clipping_that_would_spend_the_whole_noise_is_refused() -> None:
     with pytest.raises(ConfigError, match="would spend all of noise-multiplier"):
         RunConfig.from_mapping({**BASE, "clip-quantile": 0.5})  # sigma_b = 4 / 20: 2 sigma_b < 1.1
+
+
+def test_the_round_reports_the_largest_device_epsilon_of_dp_sgd(tmp_path: Path) -> None:
+    from fedge.server.transport import sample_clients
+
+    cfg = RunConfig.from_mapping({**BASE, "dp": "none", "dp-sgd": True, "num-rounds": 2})
+    loop = RoundLoop(cfg, FedAvg(), _initial(), _eval, tmp_path)
+    with InProcessGrid("seamapps:epsilon_app", cfg.num_clients, {}, workers=1) as grid:
+        loop.run(grid)
+        partition = {n: int(grid.context(n).node_config["partition-id"]) for n in grid.get_node_ids()}
+        for record in loop.history:
+            sampled = sample_clients(list(partition), 4, cfg.seed, record.round)
+            expected = max(0.5 * (partition[n] + 1) for n in sampled)  # what epsilon_app reports
+            assert record.privacy == {"dp_sgd_epsilon_max": expected}

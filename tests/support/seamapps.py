@@ -85,3 +85,16 @@ def _make_every_record_app() -> ClientApp:
 
 
 every_record_app = _make_every_record_app()
+
+
+# random_app's replies plus a device epsilon 0.5 * (partition + 1) (what a DP-SGD client reports).
+epsilon_app = ClientApp()
+
+
+@epsilon_app.train()
+def epsilon_train(msg: Message, context: Context) -> Message:
+    reply = random_train(msg, context)
+    pid = int(context.node_config["partition-id"])
+    metrics = reply.content.metric_records["metrics"]
+    reply.content["metrics"] = MetricRecord({**dict(metrics), "dp-sgd-epsilon": 0.5 * (pid + 1)})
+    return reply
