@@ -220,22 +220,22 @@ SIM = ["--num-clients", "6", "--clients-per-round", "3", "--local-epochs", "1", 
 DP = ["--dp", "central", "--client-sampling", "poisson", "--noise-multiplier", "1.5", "--quiet"]
 
 
-def _epsilon(rounds: int) -> float:
+def _spent(rounds: int) -> float:
     accountant = PrivacyAccountant("rdp", "poisson", 1.5, sample_rate=0.5)
     accountant.step(rounds)
     return accountant.epsilon(1e-5)
 
 
 def test_simulate_stops_cleanly_at_the_budget(tmp_path: Any) -> None:
-    budget = (_epsilon(2) + _epsilon(3)) / 2
+    budget = (_spent(2) + _spent(3)) / 2
     run = tmp_path / "run"
     argv = ["simulate", "--num-rounds", "6", *SIM, *DP, "--target-epsilon", str(budget), "--out", str(run)]
     assert main(argv) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rounds_completed"] == 2
     assert "round 3 would bring epsilon" in summary["stopped"]
-    assert summary["privacy"]["epsilon"] == pytest.approx(_epsilon(2), rel=1e-9)
-    assert [r["privacy"]["epsilon"] for r in summary["history"]] == pytest.approx([_epsilon(1), _epsilon(2)])
+    assert summary["privacy"]["epsilon"] == pytest.approx(_spent(2), rel=1e-9)
+    assert [r["privacy"]["epsilon"] for r in summary["history"]] == pytest.approx([_spent(1), _spent(2)])
 
 
 def test_simulate_refuses_a_budget_the_first_round_spends(
@@ -249,7 +249,7 @@ def test_simulate_refuses_a_budget_the_first_round_spends(
         *SIM,
         *DP,
         "--target-epsilon",
-        str(_epsilon(1) / 2),
+        str(_spent(1) / 2),
         "--out",
         str(run),
     ]

@@ -265,6 +265,8 @@ CHANGED = {
     "target-delta": 1e-6,
     "accountant": "pld",
     "client-sampling": "poisson",
+    "clip-quantile": 0.5,
+    "clip-count-stddev": 1.0,
     "dp-sgd": True,
     "dp-sgd-noise-multiplier": 2.0,
     "dp-sgd-max-grad-norm": 2.0,
