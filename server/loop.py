@@ -763,38 +763,38 @@ class RoundLoop:
         )
 
 
-def _clip_bits(replies: Sequence[Message], nodes: set[int]) -> list[int]:
-    """Adaptive clipping's bits of the clients in the sum: 1 when a client reported its update
-    within the clip; anything else (missing, not 0 or 1) counts as 0. A bit moves the clip
-    by at most one count, which the noised count's privacy accounting covers."""
-    bits: dict[int, int] = {}
-    for reply in replies:
-        node = int(reply.metadata.src_node_id)
-        if node not in nodes or node in bits or not reply.has_content():
-            continue
-        records = list(reply.content.metric_records.values())
-        value = records[0].get(CLIP_BELOW) if len(records) == 1 else None
-        bits[node] = 1 if value == 1 and not isinstance(value, bool) else 0
-    return [bits.get(node, 0) for node in sorted(nodes)]
-
-
-def _reported(replies: Sequence[Message], nodes: set[int], key: str) -> list[float]:
-    """The finite, non-negative values of metric ``key`` the clients in ``nodes`` reported."""
-    values: dict[int, float] = {}
+def _metric_of(replies: Sequence[Message], nodes: set[int], key: str) -> dict[int, object]:
+    """Metric ``key`` of the first reply of each node in ``nodes`` (raw: callers check it)."""
+    values: dict[int, object] = {}
     for reply in replies:
         node = int(reply.metadata.src_node_id)
         if node not in nodes or node in values or not reply.has_content():
             continue
         records = list(reply.content.metric_records.values())
-        value = records[0].get(key) if len(records) == 1 else None
+        values[node] = records[0].get(key) if len(records) == 1 else None
+    return values
+
+
+def _clip_bits(replies: Sequence[Message], nodes: set[int]) -> list[int]:
+    """Adaptive clipping's bits of the clients in the sum: 1 when a client reported its update
+    within the clip; anything else (missing, not 0 or 1) counts as 0. A bit moves the clip
+    by at most one count, which the noised count's privacy accounting covers."""
+    values = _metric_of(replies, nodes, CLIP_BELOW)
+    return [1 if values.get(n) == 1 and not isinstance(values.get(n), bool) else 0 for n in sorted(nodes)]
+
+
+def _reported(replies: Sequence[Message], nodes: set[int], key: str) -> list[float]:
+    """The finite, non-negative values of metric ``key`` the clients in ``nodes`` reported."""
+    out = []
+    for _, value in sorted(_metric_of(replies, nodes, key).items()):
         if (
             isinstance(value, int | float)
             and not isinstance(value, bool)
             and math.isfinite(value)
             and value >= 0
         ):
-            values[node] = float(value)
-    return [values[n] for n in sorted(values)]
+            out.append(float(value))
+    return out
 
 
 def require_some_round_aggregated(history: Sequence[RoundRecord], internal_errors: int = 0) -> None:
