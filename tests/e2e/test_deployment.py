@@ -216,13 +216,10 @@ def test_superlink_two_supernodes_flwr_run(tmp_path: Path, compressed: bool) -> 
         assert proc.returncode is not None, name
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(180)
-def test_superlink_two_supernodes_secagg_round(tmp_path: Path) -> None:
-    """One SecAgg+ round over gRPC: the four stages pass through the SuperLink and only the
-    sum comes back; the SuperNodes' state folders never see the round's secrets."""
-    from fedge.secagg_wire import STATE_KEY
-
+def _one_round(tmp_path: Path, run_name: str, extra_config: str) -> tuple[dict, dict]:
+    """A SuperLink and two SuperNodes on loopback, one round of ``flwr run`` with
+    ``extra_config``; returns (the round's metrics.jsonl line, summary.json). Every process
+    started is stopped, by PID, whatever happens."""
     home = tmp_path / "flwr_home"
     home.mkdir()
     out_dir = tmp_path / "runs"
@@ -280,32 +277,18 @@ def test_superlink_two_supernodes_secagg_round(tmp_path: Path) -> None:
         wait_for_text(group.log_path("superlink"), ACTIVATED, NUM_NODES, 60)
         run_config = (
             f"num-clients={NUM_NODES} clients-per-round={NUM_NODES} num-rounds=1 "
-            f"local-epochs=1 out-dir='{out_dir}' run-name='e2e-secagg' "
-            "secagg=true compression='qsgd:4' error-feedback=true"
+            f"local-epochs=1 out-dir='{out_dir}' run-name='{run_name}' {extra_config}"
         )
         result = _flwr(
             group, "run", str(PROJECT), CONNECTION, "--stream", "--run-config", run_config, timeout=120
         )
         run_out = result.stdout + result.stderr
         assert result.returncode == 0, run_out
-
-        run_dir = out_dir / "e2e-secagg"
+        run_dir = out_dir / run_name
         metrics = run_dir / "metrics.jsonl"
         assert metrics.is_file(), f"no {metrics}; flwr run said:\n{run_out}"
         (line,) = [json.loads(x) for x in metrics.read_text().splitlines()]
-        assert line["aggregated"] is True, line
-        assert line["clients"] == NUM_NODES and line["dropped"] == 0, line
-        stats = line["secagg"]
-        assert stats["clients_in_sum"] == NUM_NODES, stats
-        assert list(stats["bytes_up_per_stage"]) == ["advertise-keys", "share-keys", "masked-input", "unmask"]
-        assert line["bytes_up"] == sum(stats["bytes_up_per_stage"].values())
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["rounds_completed"] == 1 and summary["config"]["secagg"] is True
-        # Each SuperNode kept its error-feedback residual, and nothing of the round's secrets.
-        for pid in range(NUM_NODES):
-            files = [p for p in (tmp_path / f"node{pid}").rglob("*") if p.is_file()]
-            assert files, pid
-            assert not [p for p in files if STATE_KEY.encode() in p.read_bytes()]
     except BaseException:
         for name in group.procs:
             print(f"----- {name}.log -----\n{group.log(name)[-4000:]}")
@@ -315,3 +298,44 @@ def test_superlink_two_supernodes_secagg_round(tmp_path: Path) -> None:
         group.stop()
         leftovers = group.alive()
     assert not leftovers, f"processes left running: {sorted(leftovers)}"
+    return line, summary
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_superlink_two_supernodes_secagg_round(tmp_path: Path) -> None:
+    """One SecAgg+ round over gRPC: the four stages pass through the SuperLink and only the
+    sum comes back; the SuperNodes' state folders never see the round's secrets."""
+    from fedge.secagg_wire import STATE_KEY
+
+    line, summary = _one_round(tmp_path, "e2e-secagg", "secagg=true compression='qsgd:4' error-feedback=true")
+    assert line["aggregated"] is True, line
+    assert line["clients"] == NUM_NODES and line["dropped"] == 0, line
+    stats = line["secagg"]
+    assert stats["clients_in_sum"] == NUM_NODES, stats
+    assert list(stats["bytes_up_per_stage"]) == ["advertise-keys", "share-keys", "masked-input", "unmask"]
+    assert line["bytes_up"] == sum(stats["bytes_up_per_stage"].values())
+    assert summary["rounds_completed"] == 1 and summary["config"]["secagg"] is True
+    # Each SuperNode kept its error-feedback residual, and nothing of the round's secrets.
+    for pid in range(NUM_NODES):
+        files = [p for p in (tmp_path / f"node{pid}").rglob("*") if p.is_file()]
+        assert files, pid
+        assert not [p for p in files if STATE_KEY.encode() in p.read_bytes()]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_superlink_two_supernodes_central_dp_round(tmp_path: Path) -> None:
+    """One central-DP round over gRPC: the SuperNodes clip, the server noises and accounts,
+    and the round reports the epsilon dp_accounting gives for it."""
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    line, summary = _one_round(
+        tmp_path, "e2e-dp", "dp='central' client-sampling='poisson' noise-multiplier=1.3"
+    )
+    assert line["aggregated"] is True and line["clients"] == NUM_NODES, line
+    accountant = rdp_privacy_accountant.RdpAccountant()  # Poisson, q = 2 / 2: add/remove one
+    accountant.compose(dp_event.PoissonSampledDpEvent(1.0, dp_event.GaussianDpEvent(1.3)))
+    assert line["privacy"]["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert line["privacy"]["rounds"] == 1 and summary["privacy"] == line["privacy"]
