@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/export.py
 	$(PY) benchmarks/compression.py
 	$(PY) benchmarks/secagg.py
+	$(PY) benchmarks/privacy.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
